@@ -1,0 +1,340 @@
+"""Pipeline configuration: one pydantic model per stage inside one :class:`PipelineConfig`.
+
+Configs are data. Resolution order is defaults <- preset or config file <- ``--set dotted.key=value`` overrides.
+Every stage exposes a fingerprint of exactly the fields that change its output, so the artifact store can tell
+whether a stored artifact is still valid after a config change. Fields that only change *how* work is done (worker
+counts, devices, progress output) are marked ``volatile`` and left out of the fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STAGES: tuple[str, ...] = ("data", "teacher", "features", "cluster", "train", "evaluate")
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def volatile(default: Any, description: str) -> Any:
+    """A field that changes how a stage runs but never what it writes (kept out of fingerprints)."""
+    return Field(default, description=description, json_schema_extra={"volatile": True})
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are refused, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The fields that determine this section's output, recursively, as plain JSON-able data."""
+        out: dict[str, Any] = {}
+        for name, field in type(self).model_fields.items():
+            extra = field.json_schema_extra
+            if isinstance(extra, dict) and extra.get("volatile"):
+                continue
+            value = getattr(self, name)
+            out[name] = value.fingerprint_fields() if isinstance(value, Section) else _plain(value)
+        return out
+
+    def fingerprint(self) -> str:
+        """Stable short hash of :meth:`fingerprint_fields`."""
+        blob = json.dumps(self.fingerprint_fields(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+class SyntheticConfig(Section):
+    """The synthetic world (METHOD.md §8): stuff textures as backgrounds, thing shapes on top, captions."""
+
+    seed: int = Field(0, description="Seed that fully determines the world.")
+    image_size: int = Field(64, ge=16, le=1024, description="Square image side in pixels.")
+    num_train: int = Field(800, ge=1, description="Number of training images.")
+    num_val: int = Field(160, ge=1, description="Number of validation images.")
+    stuff: list[str] = Field(
+        default_factory=lambda: ["grass", "sand", "water", "snow"],
+        min_length=1,
+        description="Background (stuff) class names; each becomes a texture.",
+    )
+    things: list[str] = Field(
+        default_factory=lambda: ["kite", "ring", "star", "ball", "box", "cross"],
+        min_length=1,
+        description="Foreground (thing) class names; each becomes a shape with its own colour and texture.",
+    )
+    min_things: int = Field(1, ge=0, description="Fewest things per image.")
+    max_things: int = Field(3, ge=1, description="Most things per image.")
+    scale_range: tuple[float, float] = Field((0.18, 0.45), description="Thing size as a fraction of the image side.")
+    appearance_jitter: float = Field(0.12, ge=0.0, le=1.0, description="Intra-class colour variation.")
+    noise: float = Field(0.04, ge=0.0, le=1.0, description="Per-pixel noise amplitude.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SyntheticConfig:
+        if self.min_things > self.max_things:
+            raise ValueError("min_things must not exceed max_things")
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi <= 1:
+            raise ValueError("scale_range must satisfy 0 < low <= high <= 1")
+        names = [*self.stuff, *self.things]
+        if len(set(names)) != len(names):
+            raise ValueError("stuff and things names must be unique")
+        return self
+
+
+class RegionsConfig(Section):
+    """Superpixel over-segmentation used for the contrastive positives (METHOD.md §2)."""
+
+    method: Literal["slic", "felzenszwalb"] = Field("slic", description="scikit-image superpixel algorithm.")
+    n_segments: int = Field(64, ge=2, description="SLIC: approximate number of superpixels.")
+    compactness: float = Field(10.0, gt=0, description="SLIC: colour vs. space trade-off.")
+    scale: float = Field(100.0, gt=0, description="Felzenszwalb: observation scale.")
+    sigma: float = Field(0.8, ge=0, description="Gaussian smoothing before segmenting.")
+    min_size: int = Field(20, ge=1, description="Felzenszwalb: minimum component size.")
+
+
+DatasetName = Literal["synthetic", "voc", "context", "cocostuff", "cityscapes", "ade20k", "imagefolder"]
+
+
+class DataConfig(Section):
+    """Which images, which classes, and how bad input is handled."""
+
+    dataset: DatasetName = Field("synthetic", description="Dataset adapter.")
+    root: Path | None = Field(None, description="Dataset root on disk (not used by the synthetic world).")
+    splits: list[str] = Field(default_factory=lambda: ["train", "val"], min_length=1, description="Splits to index.")
+    held_out: list[str] | None = Field(
+        None, description="Class names never used in training; null = the dataset's default (METHOD.md §7)."
+    )
+    max_images: int | None = Field(None, ge=1, description="Cap per split (for quick runs); null = all.")
+    sbd_aug: bool = Field(False, description="VOC: add the SBD augmented training list when present.")
+    coarse: bool = Field(False, description="COCO-Stuff: use the 27 coarse classes (unsupervised protocol).")
+    on_bad_input: Literal["error", "skip"] = Field(
+        "error", description="error: stop and name the bad file; skip: record it in the report and go on."
+    )
+    regions: RegionsConfig = Field(default_factory=RegionsConfig)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    num_workers: int = volatile(0, "Worker processes for validation and superpixels (0 = in-process).")
+
+
+# -------------------------------------------------------------------------------------------------------- teacher
+class TeacherConfig(Section):
+    """The frozen CLIP teacher: an open_clip model, pretrained, loaded from a file, or pre-trained here."""
+
+    model: str = Field(
+        "ViT-B-16", description="open_clip model name, or an 'hf-hub:org/repo' id (then pretrained is ignored)."
+    )
+    pretrained: str | None = Field("openai", description="open_clip pretrained tag, or a local checkpoint path.")
+    train: Literal["none", "synthetic"] = Field(
+        "none", description="'synthetic': pre-train `model` here on the synthetic world's captions."
+    )
+    epochs: int = Field(30, ge=1, description="Synthetic pre-training epochs.")
+    batch_size: int = Field(64, ge=2, description="Synthetic pre-training batch size (contrastive: it matters).")
+    lr: float = Field(1e-3, gt=0, description="Synthetic pre-training AdamW learning rate.")
+    weight_decay: float = Field(0.1, ge=0, description="Synthetic pre-training weight decay.")
+    seed: int = Field(0, description="Synthetic pre-training seed.")
+    checkpoint_every: int = volatile(1, "Epochs between resumable checkpoints.")
+    device: str = volatile("auto", "'auto', 'cpu' or 'cuda[:i]'.")
+
+    @field_validator("pretrained")
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
+
+# ------------------------------------------------------------------------------------------------------- features
+class FeaturesConfig(Section):
+    """MaskCLIP dense features of the un-augmented images (METHOD.md §5)."""
+
+    resolution: int = Field(224, ge=16, description="Images are resized to this square side before the teacher.")
+    dtype: Literal["float16", "float32"] = Field("float16", description="Stored dtype of the dense features.")
+    keep_keys: bool = Field(True, description="Store the last block's keys (for key smoothing).")
+    amp: bool = Field(True, description="Autocast on CUDA (ignored on CPU).")
+    extra_templates: bool = Field(True, description="Add MaskCLIP's 5 scene templates to the 80 ImageNet ones.")
+    shard_size: int = volatile(64, "Images per unit of work (and per Zarr shard).")
+    batch_size: int = volatile(32, "Images per teacher forward pass.")
+    device: str = volatile("auto", "'auto', 'cpu' or 'cuda[:i]'.")
+    dask_address: str | None = volatile(None, "Run the shards on this Dask scheduler (prefect-dask); null = local.")
+
+
+# -------------------------------------------------------------------------------------------------------- cluster
+class ClusterConfig(Section):
+    """Unknown prototypes: spherical k-means with the known text embeddings as fixed centres (METHOD.md §4)."""
+
+    num_unknown: int = Field(16, ge=0, description="M: number of free centres (unknown prototypes).")
+    sample_size: int = Field(100_000, ge=1, description="Dense feature vectors sampled from the train split.")
+    iterations: int = Field(25, ge=1, description="k-means iterations.")
+    max_points_per_centroid: int = Field(
+        100_000, ge=1, description="FAISS subsampling cap; set high on purpose so the sample is used whole."
+    )
+    seed: int = Field(0, description="Sampling and initialisation seed.")
+    device: str = volatile("auto", "'auto' uses faiss-gpu when installed and a GPU is present.")
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+class TrainConfig(Section):
+    """The student and CLIP-S4's three losses (METHOD.md §1-4)."""
+
+    student: Literal["small_cnn", "resnet50", "resnet101"] = Field("small_cnn", description="Pixel encoder.")
+    backbone_weights: Path | None = Field(None, description="Local torchvision weights file for ResNet backbones.")
+    width: int = Field(64, ge=8, description="small_cnn: base channel width.")
+    input_size: int = Field(64, ge=16, description="Side of each augmented view fed to the student.")
+    steps: int = Field(600, ge=1, description="Optimiser steps.")
+    batch_size: int = Field(16, ge=1, description="Images per step (two views each).")
+    optimizer: Literal["sgd", "adamw"] = Field("adamw", description="SGD momentum 0.9 (paper-style) or AdamW.")
+    lr: float = Field(2e-3, gt=0, description="Base learning rate (poly decay).")
+    head_lr_mult: float = Field(10.0, gt=0, description="Head learning-rate multiplier (ResNet students).")
+    weight_decay: float = Field(1e-4, ge=0, description="Weight decay.")
+    kappa: float = Field(16.0, gt=0, description="Concentration of the pixel-segment contrastive loss.")
+    tau: float = Field(0.07, gt=0, description="Temperature of the semantic-consistency softmax.")
+    lambda_contrast: float = Field(1.0, ge=0, description="Weight of L_contrast (0 turns it off).")
+    lambda_emb: float = Field(1.0, ge=0, description="Weight of L_emb (0 turns it off).")
+    lambda_sem: float = Field(1.0, ge=0, description="Weight of L_sem (0 turns it off).")
+    grid_seeds: int = Field(4, ge=1, description="Segment k-means seeds per side (grid_seeds**2 per view).")
+    kmeans_iters: int = Field(10, ge=1, description="Segment k-means iterations.")
+    crop_scale: tuple[float, float] = Field((0.5, 1.5), description="Random resized crop scale range.")
+    color_jitter: float = Field(0.4, ge=0, description="Brightness/contrast/saturation jitter strength.")
+    refresh_every: int = Field(200, ge=0, description="Steps between unknown-prototype refreshes (0 = never).")
+    seed: int = Field(0, description="Training seed.")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
+    checkpoint_every: int = volatile(100, "Steps between resumable checkpoints.")
+    device: str = volatile("auto", "'auto', 'cpu' or 'cuda[:i]'.")
+    num_workers: int = volatile(0, "DataLoader workers.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi:
+            raise ValueError("crop_scale must satisfy 0 < low <= high")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------------- evaluate
+class EvaluateConfig(Section):
+    """Batch evaluation of MaskCLIP and CLIP-S4 in one harness (METHOD.md §6)."""
+
+    split: str = Field("val", description="Split to evaluate.")
+    tasks: list[Literal["language", "unsupervised", "probe"]] = Field(
+        default_factory=lambda: ["language", "unsupervised", "probe"], description="Tasks to run."
+    )
+    probe_epochs: int = Field(20, ge=1, description="Linear-probe epochs on the train split.")
+    probe_lr: float = Field(0.05, gt=0, description="Linear-probe learning rate.")
+    seed: int = Field(0, description="Seed for k-means and the probe.")
+    num_pictures: int = Field(6, ge=0, description="Images drawn in the overlay pictures.")
+    batch_size: int = volatile(16, "Images per forward pass.")
+    device: str = volatile("auto", "'auto', 'cpu' or 'cuda[:i]'.")
+
+
+# ------------------------------------------------------------------------------------------------------- pipeline
+class PipelineConfig(Section):
+    """The whole pipeline: one section per stage."""
+
+    name: str = volatile("custom", "Preset or config name (shown in summaries and artifact names).")
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    def stage(self, name: str) -> Section:
+        if name not in STAGES:
+            raise ConfigError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+        return getattr(self, name)
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix; the message names the field and what is allowed."""
+
+
+# ----------------------------------------------------------------------------------------------------- resolution
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of stage sections, not {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=0.02`` -> (["train", "lr"], 0.02); the value is read as YAML, so lists and nulls work."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {err}") from err
+    return key.strip().split("."), value
+
+
+def _set_dotted(tree: dict[str, Any], path: list[str], value: Any, origin: str) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {origin!r}: {'.'.join(path[: i + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown field (check the spelling; `clips4 config show` lists every field)")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{loc}: {e['msg']}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def resolve_config(
+    preset: str | None = None, config_file: str | Path | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
+    """Defaults <- preset or config file <- dotted overrides; any bad key or value raises :class:`ConfigError`."""
+    if preset and config_file:
+        raise ConfigError("give either a preset or a config file, not both")
+    tree: dict[str, Any] = {}
+    if preset:
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {preset!r}; presets are: {', '.join(list_presets())}")
+        tree = _load_yaml(path)
+        tree.setdefault("name", preset)
+    elif config_file:
+        tree = _load_yaml(Path(config_file))
+        tree.setdefault("name", Path(config_file).stem)
+    for text in overrides or []:
+        path_parts, value = parse_override(text)
+        _set_dotted(tree, path_parts, value, text)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def to_yaml(cfg: Section) -> str:
+    """The resolved config as YAML (paths as strings, tuples as lists)."""
+    return yaml.safe_dump(_plain(cfg.model_dump(mode="json")), sort_keys=False)

@@ -1,0 +1,157 @@
+"""The ``clips4`` command line: configs, the artifact store, pipeline runs, serving, and segmentation.
+
+Prefect is imported only by the commands that run flows, so inspecting configs and the store stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from clips4.config import STAGES, ConfigError, resolve_config, to_yaml
+from storage import Store, StoreError
+
+app = typer.Typer(help="CLIP-S4 semantic segmentation without labels, as a resumable pipeline.", no_args_is_help=True)
+config_app = typer.Typer(help="Resolve and print configurations.", no_args_is_help=True)
+store_app = typer.Typer(help="Inspect and manage the artifact store.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(store_app, name="store")
+console = Console()
+err = Console(stderr=True)
+
+StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Store root (default: $CLIPS4_STORE, else ~/.cache/clips4/store).")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", help="A preset from configs/ (e.g. demo).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="A YAML config file.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. train.lr=0.02 (repeatable).")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def load_config(preset: str | None, config: Path | None, overrides: list[str] | None):
+    try:
+        return resolve_config(preset, config, overrides or [])
+    except ConfigError as e:
+        fail(str(e))
+
+
+# ------------------------------------------------------------------------------------------------------- config
+@config_app.command("show")
+def config_show(preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved configuration as YAML."""
+    cfg = load_config(preset, config, set_)
+    sys.stdout.write(to_yaml(cfg))
+
+
+# -------------------------------------------------------------------------------------------------------- store
+def open_store(store: str | None) -> Store:
+    return Store(store)
+
+
+@store_app.command("ls")
+def store_ls(
+    kind: Annotated[Optional[str], typer.Argument(help="Only this kind (stage).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON objects instead of a table.")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """List complete artifacts, oldest first."""
+    st = open_store(store)
+    if kind is not None and kind not in STAGES:
+        fail(f"unknown kind {kind!r}; kinds are {', '.join(STAGES)}")
+    rows = [
+        {"kind": m.kind, "key": m.key, "path": str(st.path(m.key)), "status": m.status, "created": m.created, "size": m.size}
+        for m in st.list(kind)
+    ]
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table("kind", "key", "created", "size", "path")
+    for r in rows:
+        table.add_row(r["kind"], r["key"], r["created"], _human(r["size"]), r["path"])
+    console.print(table if rows else f"no artifacts in {st.root}")
+
+
+@store_app.command("show")
+def store_show(key: str, store: StoreOpt = None) -> None:
+    """Print an artifact's manifest, its files and its lineage."""
+    st = open_store(store)
+    try:
+        manifest = st.manifest(key)
+        lineage = st.lineage(key)
+    except StoreError as e:
+        fail(str(e))
+    console.print_json(json.dumps({k: v for k, v in manifest.__dict__.items() if k != "files"}, default=str))
+    files = Table("file", "size")
+    for name, size in manifest.files.items():
+        files.add_row(name, _human(size))
+    console.print(files)
+    console.print("lineage: " + " <- ".join(f"{m.kind}:{m.key}" for m in lineage))
+
+
+@store_app.command("rm")
+def store_rm(
+    key: str,
+    cascade: Annotated[bool, typer.Option(help="Also remove artifacts built from it.")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Remove an artifact (refused while downstream artifacts exist, unless --cascade)."""
+    try:
+        removed = open_store(store).remove(key, cascade=cascade)
+    except StoreError as e:
+        fail(str(e))
+    console.print("removed " + ", ".join(removed))
+
+
+@store_app.command("gc")
+def store_gc(store: StoreOpt = None) -> None:
+    """Remove staging debris left by killed writers, and leftover trash."""
+    cleaned = open_store(store).gc()
+    console.print(f"cleaned {len(cleaned)} item(s)" + "".join(f"\n  {c}" for c in cleaned))
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+# ---------------------------------------------------------------------------------------------------------- run
+@app.command("run")
+def run(
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    stages: Annotated[Optional[str], typer.Option(help="Comma-separated stages to run (default: all).")] = None,
+    force: Annotated[Optional[str], typer.Option(help="Recompute this stage and everything after it.")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Run the pipeline (or some stages) in-process, reusing every artifact that is already complete."""
+    load_config(preset, config, set_)  # refuse a bad config before Prefect starts
+    chosen = [s.strip() for s in stages.split(",")] if stages else list(STAGES)
+    bad = [s for s in chosen + ([force] if force else []) if s not in STAGES]
+    if bad:
+        fail(f"unknown stage(s) {', '.join(bad)}; stages are {', '.join(STAGES)}")
+    from flows.pipeline import PipelineError, run_pipeline
+
+    try:
+        run_pipeline(preset, str(config) if config else None, set_, chosen, force, store, console)
+    except (PipelineError, StoreError, ConfigError) as e:
+        fail(str(e), code=1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
