@@ -1,0 +1,213 @@
+"""The three evaluation protocols of METHOD.md §6 on frozen pixel embeddings: language, unsupervised, linear probe.
+
+Layout convention: every embedding map here is [B,D,h,w] (torch conv layout) at feature resolution; labels are
+int [B,H,W] at label resolution with 255 = ignore. Class scores are computed at feature resolution and upsampled
+bilinearly to the label size before the argmax, so all methods are scored on the same full-resolution pixels.
+Embedding batches may live on the CPU in float16; each is moved to ``device`` and cast to float32 when used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clips4.data.records import IGNORE_INDEX
+from clips4.maskclip import LOGIT_SCALE
+from clips4.metrics import ConfusionMatrix, hungarian_mapping, segmentation_scores
+from clips4.progress import track
+
+DROPPED_SCORE = -1e30
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+"""Pairs (embeddings [B,D,h,w], labels [B,H,W])."""
+
+
+def cosine_logits(emb: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Scores [B,K,h,w] = 100 x cosine between every pixel of ``emb`` [B,D,h,w] and every row of ``weights`` [K,D]."""
+    if emb.ndim != 4 or weights.ndim != 2 or emb.shape[1] != weights.shape[1]:
+        raise ValueError(
+            f"expected embeddings [B,D,h,w] and weights [K,D] with the same D, got {tuple(emb.shape)} and "
+            f"{tuple(weights.shape)}"
+        )
+    emb = F.normalize(emb.float(), dim=1)
+    return LOGIT_SCALE * torch.einsum("bdhw,kd->bkhw", emb, F.normalize(weights.to(emb), dim=1))
+
+
+def upsample_argmax(scores: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """Labels int64 [B,H,W]: bilinear upsampling of ``scores`` [B,K,h,w] to ``out_size``, then argmax over K.
+
+    One image at a time, so the full-resolution [K,H,W] scores of a single image are the peak memory. Scores of
+    -inf (classes dropped by prompt denoising) become a huge finite negative first, since interpolation weights of 0
+    times -inf would give nan.
+    """
+    scores = torch.nan_to_num(scores.float(), neginf=DROPPED_SCORE)
+    upsample = partial(F.interpolate, size=tuple(out_size), mode="bilinear", align_corners=False)
+    return torch.cat([upsample(s[None]).argmax(dim=1) for s in scores])
+
+
+def predict_language(emb: torch.Tensor, text: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """Language-driven segmentation int64 [B,H,W]: nearest class text embedding per pixel (METHOD.md §6)."""
+    return upsample_argmax(cosine_logits(emb, text), out_size)
+
+
+def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of int labels [B,H,W] to ``size`` (e.g. feature resolution for the probe)."""
+    resized = F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")
+    return resized[:, 0].to(labels.dtype)
+
+
+def _reiterable(batches: Batches) -> Batches:
+    if iter(batches) is batches:
+        raise TypeError("batches are read more than once; pass a list or a re-iterable object, not a generator")
+    return batches
+
+
+@torch.no_grad()
+def score_classifier(
+    batches: Batches,
+    classify: Callable[[torch.Tensor], torch.Tensor],
+    num_classes: int,
+    device: torch.device,
+    held_out_ids: Sequence[int] = (),
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[dict, np.ndarray]:
+    """Scores (see :func:`segmentation_scores`) and the confusion matrix of ``classify`` over all ``batches``.
+
+    ``classify`` maps float32 embeddings [B,D,h,w] on ``device`` to class scores [B,K,h,w]; e.g.
+    ``functools.partial(cosine_logits, weights=text)`` for the language protocol or a trained probe.
+    """
+    confusion = ConfusionMatrix(num_classes, ignore_index)
+    for emb, labels in track(batches, "scoring", unit="batch"):
+        labels = torch.as_tensor(labels).to(device)
+        scores = classify(emb.to(device).float())
+        confusion.update(upsample_argmax(scores, labels.shape[-2:]), labels)
+    return segmentation_scores(confusion.matrix, held_out_ids), confusion.matrix
+
+
+# ------------------------------------------------------------------------------------------------- unsupervised
+@dataclass
+class Clustering:
+    """What :func:`unsupervised_segmentation` found: scores, k-means ``centroids`` [K,D], cluster->class ``mapping``."""
+
+    scores: dict
+    centroids: torch.Tensor
+    mapping: np.ndarray
+
+    def predict(self, emb: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        """Class labels int64 [B,H,W] of embeddings [B,D,h,w]: nearest centroid, mapped to its matched class."""
+        clusters = upsample_argmax(cosine_logits(emb, self.centroids.to(emb.device)), out_size)
+        return torch.as_tensor(self.mapping, device=clusters.device)[clusters]
+
+
+def sample_pixels(batches: Iterable[torch.Tensor], size: int, seed: int) -> torch.Tensor:
+    """A uniform random sample of at most ``size`` pixel embeddings [N,D] (float32, CPU) from maps [B,D,h,w].
+
+    Every pixel draws a random priority and the ``size`` highest are kept, so memory stays bounded by one batch plus
+    the sample however many batches come.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    kept, priority = torch.empty(0), torch.empty(0)
+    for emb in batches:
+        pixels = emb.detach().float().cpu().permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+        kept = torch.cat([kept.reshape(-1, pixels.shape[1]), pixels])
+        priority = torch.cat([priority, torch.rand(len(pixels), generator=generator)])
+        if len(kept) > size:
+            top = priority.topk(size).indices
+            kept, priority = kept[top], priority[top]
+    if len(kept) == 0:
+        raise ValueError("no embeddings to sample from: the batches are empty")
+    return kept
+
+
+def spherical_kmeans(points: torch.Tensor, k: int, iterations: int, seed: int) -> torch.Tensor:
+    """Unit centroids [k,D] of unit ``points`` [N,D] by FAISS spherical k-means (cosine assignment)."""
+    if len(points) < k:
+        raise ValueError(f"k-means with {k} clusters needs at least {k} points, got {len(points)}")
+    data = np.ascontiguousarray(F.normalize(points.float(), dim=1).numpy())
+    kmeans = faiss.Kmeans(
+        data.shape[1],
+        k,
+        niter=iterations,
+        seed=seed,
+        spherical=True,
+        min_points_per_centroid=1,
+        max_points_per_centroid=len(data),
+    )
+    kmeans.train(data)
+    return torch.from_numpy(kmeans.centroids.copy())
+
+
+def unsupervised_segmentation(
+    batches: Batches,
+    num_classes: int,
+    device: torch.device,
+    seed: int = 0,
+    sample_size: int = 100_000,
+    iterations: int = 25,
+    ignore_index: int = IGNORE_INDEX,
+) -> Clustering:
+    """K-means (K = ``num_classes``) on a pixel sample, every pixel assigned, clusters matched to classes (Hungarian).
+
+    ``batches`` is read twice (sample, then assign) and must be re-iterable. The sample ignores labels; mIoU and pAcc
+    come from the cluster-vs-class confusion after the one-to-one matching.
+    """
+    batches = _reiterable(batches)
+    sample = sample_pixels((emb for emb, _ in batches), sample_size, seed)
+    centroids = spherical_kmeans(sample, num_classes, iterations, seed)
+    classify = partial(cosine_logits, weights=centroids.to(device))
+    _, matrix = score_classifier(batches, classify, num_classes, device, ignore_index=ignore_index)
+    mapping = hungarian_mapping(matrix.T)
+    matched = np.zeros_like(matrix)
+    np.add.at(matched.T, mapping, matrix.T)  # merge the columns of clusters mapped to the same class
+    return Clustering(segmentation_scores(matched), centroids, mapping)
+
+
+# -------------------------------------------------------------------------------------------------- linear probe
+def train_linear_probe(
+    train_emb: torch.Tensor,
+    train_labels: torch.Tensor,
+    num_classes: int,
+    epochs: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    batch_size: int = 16,
+    ignore_index: int = IGNORE_INDEX,
+) -> nn.Conv2d:
+    """A 1x1 conv probe [D -> K] trained with cross-entropy on frozen embeddings (transfer protocol, METHOD.md §6).
+
+    ``train_emb`` [N,D,h,w] (any float dtype, may stay on the CPU) and ``train_labels`` [N,h,w] at the same
+    resolution (downsample full labels with :func:`resize_labels`, nearest). Mini-batches of ``batch_size`` images
+    are moved to ``device`` and used as given (unit length by construction, as at scoring time). SGD with momentum
+    0.9 and a cosine-decayed ``lr``; zero-initialised, so the convex problem has a seed-independent start and
+    ``seed`` only orders the batches.
+    """
+    if train_emb.ndim != 4 or train_labels.shape != (train_emb.shape[0], *train_emb.shape[2:]):
+        raise ValueError(
+            f"train_emb must be [N,D,h,w] and train_labels [N,h,w] at the same resolution, got "
+            f"{tuple(train_emb.shape)} and {tuple(train_labels.shape)}; use resize_labels"
+        )
+    probe = nn.Conv2d(train_emb.shape[1], num_classes, kernel_size=1).to(device)
+    nn.init.zeros_(probe.weight)
+    nn.init.zeros_(probe.bias)
+    optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9)
+    steps_per_epoch = -(-len(train_emb) // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in track(range(epochs), "linear probe", unit="epoch"):
+        for idx in torch.randperm(len(train_emb), generator=generator).split(batch_size):
+            labels = train_labels[idx].to(device).long()
+            if not (labels != ignore_index).any():
+                continue
+            loss = F.cross_entropy(probe(train_emb[idx].to(device).float()), labels, ignore_index=ignore_index)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return probe.eval()

@@ -1,0 +1,106 @@
+"""Evaluation protocols on toy embeddings whose right answer is known."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clips4.evaluation import (
+    cosine_logits,
+    predict_language,
+    resize_labels,
+    score_classifier,
+    train_linear_probe,
+    unsupervised_segmentation,
+    upsample_argmax,
+)
+
+CPU = torch.device("cpu")
+D, K = 16, 4
+
+
+def toy_split(seed: int, images: int = 6, noise: float = 0.15):
+    """Class maps on an 8x8 grid, labels = the maps at 16x16 (nearest), embeddings = a class direction + noise."""
+    g = torch.Generator().manual_seed(seed)
+    directions = F.normalize(torch.randn(K, D, generator=torch.Generator().manual_seed(123)), dim=1)
+    coarse = torch.randint(0, K, (images, 4, 4), generator=g).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    emb = directions[coarse].permute(0, 3, 1, 2) + noise * torch.randn(images, D, 8, 8, generator=g)
+    labels = coarse.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    labels[:, :2, :2] = 255
+    return F.normalize(emb, dim=1).half(), labels.to(torch.uint8), directions
+
+
+def test_cosine_logits_and_shape_checks():
+    emb = F.normalize(torch.randn(2, D, 3, 5), dim=1)
+    text = F.normalize(torch.randn(K, D), dim=1)
+    logits = cosine_logits(2 * emb, 3 * text)  # scale-free: cosine
+    torch.testing.assert_close(logits, 100 * torch.einsum("bdhw,kd->bkhw", emb, text))
+    with pytest.raises(ValueError, match="same D"):
+        cosine_logits(emb, torch.randn(K, D + 1))
+
+
+def test_predict_language_recovers_the_class_map_at_label_size():
+    emb, labels, directions = toy_split(0, noise=0.0)
+    pred = predict_language(emb, directions, labels.shape[-2:])
+    assert pred.dtype == torch.int64 and pred.shape == labels.shape
+    valid = labels != 255
+    assert torch.equal(pred[valid], labels[valid].long())
+
+
+def test_upsampling_keeps_dropped_classes_out():
+    scores = torch.randn(2, 3, 4, 4)
+    scores[0, 1] = float("-inf")
+    pred = upsample_argmax(scores, (9, 7))
+    assert pred.shape == (2, 9, 7) and not (pred[0] == 1).any()
+
+
+def test_resize_labels_is_nearest():
+    labels = torch.arange(4, dtype=torch.uint8).reshape(1, 2, 2).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    small = resize_labels(labels, (2, 2))
+    assert small.dtype == torch.uint8
+    assert torch.equal(small, torch.arange(4, dtype=torch.uint8).reshape(1, 2, 2))
+
+
+def test_language_scores_are_perfect_on_clean_toy_data():
+    emb, labels, directions = toy_split(1, noise=0.05)
+    batches = [(emb[:3], labels[:3]), (emb[3:], labels[3:])]
+    scores, matrix = score_classifier(batches, partial(cosine_logits, weights=directions), K, CPU, held_out_ids=[3])
+    assert scores["mIoU"] == pytest.approx(1.0) and scores["hIoU"] == pytest.approx(1.0)
+    assert matrix.sum() == int((labels != 255).sum())
+
+
+def test_unsupervised_segmentation_finds_the_toy_clusters():
+    emb, labels, _ = toy_split(2, images=8)
+    batches = [(emb[i : i + 2], labels[i : i + 2]) for i in range(0, 8, 2)]
+    result = unsupervised_segmentation(batches, K, CPU, seed=0, sample_size=300, iterations=20)
+    assert result.scores["mIoU"] > 0.95 and result.scores["pAcc"] > 0.95
+    assert sorted(result.mapping.tolist()) == list(range(K)) and result.centroids.shape == (K, D)
+    pred = result.predict(emb[:2], labels.shape[-2:])
+    valid = labels[:2] != 255
+    assert (pred[valid] == labels[:2][valid].long()).float().mean() > 0.95
+    with pytest.raises(TypeError, match="generator"):
+        unsupervised_segmentation(iter(batches), K, CPU)
+
+
+def test_linear_probe_learns_a_separable_toy_problem():
+    train_emb, train_labels, _ = toy_split(3, images=12, noise=0.2)
+    probe = train_linear_probe(
+        train_emb, resize_labels(train_labels, (8, 8)), K, epochs=15, lr=0.5, seed=0, device=CPU, batch_size=4
+    )
+    assert probe.weight.shape == (K, D, 1, 1)
+    val_emb, val_labels, _ = toy_split(4, images=6, noise=0.2)
+    scores, _ = score_classifier([(val_emb, val_labels)], probe, K, CPU)
+    assert scores["mIoU"] > 0.95
+    with pytest.raises(ValueError, match="resize_labels"):
+        train_linear_probe(train_emb, train_labels, K, 1, 0.1, 0, CPU)
+
+
+def test_probe_skips_batches_with_only_ignored_pixels():
+    emb, labels, _ = toy_split(5, images=2)
+    labels = torch.full((2, 8, 8), 255, dtype=torch.uint8)
+    probe = train_linear_probe(emb, labels, K, epochs=1, lr=0.1, seed=0, device=CPU)
+    assert np.allclose(probe.weight.detach().numpy(), 0)
