@@ -1,0 +1,143 @@
+"""The student: a fully convolutional pixel encoder with unit-length d-dim output (METHOD.md §1).
+
+d equals the teacher's joint embedding dim, so student pixels compare directly with CLIP text and pixel embeddings.
+Two backbones: a small CNN for the synthetic world (cheap enough for CPU training) and torchvision ResNet-50/101
+with dilation (output stride 8) for real data. Both end in the HSG-style head conv-BN-ReLU-conv (1x1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+StudentName = Literal["small_cnn", "resnet50", "resnet101"]
+RESNET_HEAD_HIDDEN = 512
+
+
+def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    padding = dilation * (kernel // 2)
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SmallCNN(nn.Module):
+    """Output stride 2: a stride-2 branch for detail and a stride-4 dilated branch for context, fused FPN-style.
+
+    A 64px view gives a 32x32 map, enough resolution for superpixel-sized segments, at a cost that trains on CPU.
+    """
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        half = max(width // 2, 8)
+        self.fine = nn.Sequential(conv_bn_relu(3, half, stride=2), conv_bn_relu(half, half))
+        self.coarse = nn.Sequential(
+            conv_bn_relu(half, width, stride=2),
+            conv_bn_relu(width, width),
+            conv_bn_relu(width, width, dilation=2),
+            conv_bn_relu(width, width, dilation=4),
+        )
+        self.out_channels = half + width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fine = self.fine(x)
+        coarse = F.interpolate(self.coarse(fine), size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.cat([fine, coarse], dim=1)
+
+
+class ResNetTrunk(nn.Module):
+    """torchvision ResNet up to layer4, dilated in layers 3-4 so the output stride is 8."""
+
+    def __init__(self, depth: Literal[50, 101], weights: Path | None = None) -> None:
+        super().__init__()
+        factory = torchvision.models.resnet50 if depth == 50 else torchvision.models.resnet101
+        net = factory(weights=None, replace_stride_with_dilation=[False, True, True])
+        if weights is not None:
+            load_backbone_weights(net, Path(weights))
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layers = nn.Sequential(net.layer1, net.layer2, net.layer3, net.layer4)
+        self.out_channels = net.fc.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.stem(x))
+
+
+def load_backbone_weights(net: nn.Module, path: Path) -> None:
+    """Load a local torchvision ResNet state dict (the classifier `fc.*` is not needed and may be absent)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file {path} does not exist; set train.backbone_weights to a "
+                                "local torchvision state-dict file, or to null for random initialisation")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"backbone weights file {path} does not hold a state dict (got {type(state).__name__})")
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
+    problem = f"backbone weights file {path} does not match the torchvision {type(net).__name__}"
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"{problem}: {err}") from None
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise ValueError(f"{problem}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+
+
+class PixelEncoder(nn.Module):
+    """backbone -> head (conv-BN-ReLU-conv 1x1) -> L2 normalisation over channels.
+
+    `stride` is the output stride (input side / map side). `split_head_lr` says whether the head trains with its own
+    learning-rate multiplier (a pretrained-style backbone) or everything shares one rate (the small CNN).
+    """
+
+    def __init__(self, backbone: nn.Module, channels: int, hidden: int, out_dim: int, stride: int,
+                 split_head_lr: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, out_dim, 1),
+        )
+        self.stride = stride
+        self.out_dim = out_dim
+        self.split_head_lr = split_head_lr
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"student expects images of shape [B,3,H,W], got {tuple(images.shape)}")
+        return F.normalize(self.head(self.backbone(images)), dim=1)
+
+    def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
+        """Optimiser parameter groups: backbone at `lr`, head at `lr * head_lr_mult` (one group for the small CNN)."""
+        if not self.split_head_lr:
+            return [{"params": list(self.parameters()), "lr": lr}]
+        return [
+            {"params": list(self.backbone.parameters()), "lr": lr},
+            {"params": list(self.head.parameters()), "lr": lr * head_lr_mult},
+        ]
+
+
+def build_student(name: StudentName, out_dim: int, width: int = 64,
+                  backbone_weights: Path | None = None) -> PixelEncoder:
+    """The pixel encoder named in the config; ResNet weights come only from a local file (never downloaded)."""
+    if out_dim < 1:
+        raise ValueError(f"student out_dim must be positive, got {out_dim}")
+    if name == "small_cnn":
+        if backbone_weights is not None:
+            raise ValueError("train.backbone_weights applies to ResNet students only; set it to null for small_cnn")
+        trunk = SmallCNN(width)
+        return PixelEncoder(trunk, trunk.out_channels, width, out_dim, stride=2, split_head_lr=False)
+    if name in ("resnet50", "resnet101"):
+        trunk = ResNetTrunk(50 if name == "resnet50" else 101, backbone_weights)
+        return PixelEncoder(trunk, trunk.out_channels, RESNET_HEAD_HIDDEN, out_dim, stride=8, split_head_lr=True)
+    raise ValueError(f"unknown student {name!r}; choose small_cnn, resnet50 or resnet101")

@@ -1,0 +1,124 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clips4.losses import (
+    embedding_consistency,
+    pixel_segment_contrastive,
+    positive_candidates,
+    segment_means,
+    semantic_consistency,
+)
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+def literal_contrastive(z, seg, seg_emb, group, kappa):
+    """METHOD.md §2 written out pixel by pixel."""
+    losses = []
+    for p in range(z.shape[0]):
+        own = int(seg[p])
+        positives = [s for s in range(seg_emb.shape[0]) if group[s] == group[own] and s != own] or [own]
+        negatives = [s for s in range(seg_emb.shape[0]) if group[s] != group[own]]
+        logit = kappa * seg_emb @ z[p]
+        losses.append(-(logit[positives].logsumexp(0) - logit[positives + negatives].logsumexp(0)))
+    return torch.stack(losses).mean()
+
+
+def test_segment_means_are_normalised_and_empty_segments_are_zero():
+    x = torch.tensor([[3.0, 0.0], [1.0, 0.0], [0.0, 2.0], [0.0, 4.0]])
+    means = segment_means(x, torch.tensor([0, 0, 2, 2]), num=3)
+    torch.testing.assert_close(means, torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]))
+
+
+def test_positive_candidates_lists_each_group():
+    table = positive_candidates(torch.tensor([7, 3, 7, 7, 5]))
+    assert table.shape == (5, 3)
+    assert sorted(table[0].tolist()) == [0, 2, 3]
+    assert table[1].tolist() == [1, -1, -1]
+    assert torch.equal(table[2], table[0]) and torch.equal(table[3], table[0])
+
+
+def test_two_segments_by_hand():
+    """Different groups: each pixel's only positive is its own segment; denominator = both segments."""
+    kappa = 2.0
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    loss = pixel_segment_contrastive(z, torch.tensor([0, 1]), v, torch.tensor([0, 1]), kappa)
+    pixel0 = -math.log(math.exp(2 * 0.6) / (math.exp(2 * 0.6) + math.exp(2 * 0.8)))
+    pixel1 = -math.log(math.exp(0.0) / (math.exp(2.0) + math.exp(0.0)))
+    assert loss.item() == pytest.approx((pixel0 + pixel1) / 2, rel=1e-6)
+
+
+def test_own_segment_is_left_out_when_the_group_has_another():
+    """Segments 0,1 share a group: pixel in 0 has S+ = {1}, S- = {2}; its own segment 0 is in neither."""
+    kappa = 3.0
+    v = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    z = torch.tensor([[0.8, 0.6]])
+    loss = pixel_segment_contrastive(z, torch.tensor([0]), v, torch.tensor([4, 4, 9]), kappa)
+    pos, neg = math.exp(3 * 0.96), math.exp(3 * 0.6)
+    assert loss.item() == pytest.approx(-math.log(pos / (pos + neg)), rel=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_contrastive_matches_the_literal_formula_in_value_and_gradient(device):
+    torch.manual_seed(0)
+    seg = torch.randint(0, 9, (50,), device=device)
+    group = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4], device=device)
+    z = F.normalize(torch.randn(50, 6, dtype=torch.float64, device=device), dim=1).requires_grad_()
+    v = F.normalize(torch.randn(9, 6, dtype=torch.float64, device=device), dim=1).requires_grad_()
+    loss = pixel_segment_contrastive(z, seg, v, group, 5.0)
+    reference = literal_contrastive(z, seg, v, group, 5.0)
+    torch.testing.assert_close(loss, reference)
+    grads = torch.autograd.grad(loss, (z, v))
+    expected = torch.autograd.grad(reference, (z, v))
+    torch.testing.assert_close(grads, expected)
+
+
+def test_contrastive_gradient_through_segment_means():
+    torch.manual_seed(1)
+    seg = torch.randint(0, 6, (30,))
+    group = torch.tensor([0, 0, 1, 2, 2, 3])
+    z = F.normalize(torch.randn(30, 4, dtype=torch.float64), dim=1).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda z: pixel_segment_contrastive(z, seg, segment_means(z, seg, 6), group, 4.0), (z,))
+
+
+def test_separated_embeddings_beat_swapped_groups():
+    """Pixels equal to their segment embedding, positives identical: low loss; swapping the groups raises it."""
+    v = torch.eye(4)[[0, 0, 1, 1, 2, 2, 3, 3]]  # 8 segments, groups of two with the same embedding
+    seg = torch.arange(8).repeat_interleave(3)
+    z = v[seg]
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    swapped = torch.tensor([0, 1, 1, 2, 2, 3, 3, 0])
+    good = pixel_segment_contrastive(z, seg, v, groups, 16.0)
+    bad = pixel_segment_contrastive(z, seg, v, swapped, 16.0)
+    assert good.item() < 1e-5 < 1.0 < bad.item()
+
+
+def test_contrastive_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match="agree in length"):
+        pixel_segment_contrastive(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long), torch.zeros(2, 2),
+                                  torch.zeros(2, dtype=torch.long), 1.0)
+
+
+def test_embedding_consistency():
+    v = F.normalize(torch.randn(5, 8), dim=1).requires_grad_()
+    assert embedding_consistency(v, v.detach().clone()).abs().item() < 1e-6
+    u = torch.tensor([[1.0, 0.0], [1.0, 0.0]], requires_grad=True)
+    loss = embedding_consistency(torch.tensor([[0.0, 1.0], [-1.0, 0.0]]), u)
+    assert loss.item() == pytest.approx(1.5)
+    assert not loss.requires_grad  # the CLIP side is a constant
+
+
+def test_semantic_consistency_is_cross_entropy_to_the_teacher_label():
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    v = torch.tensor([[0.6, 0.8], [1.0, 0.0]], requires_grad=True)
+    u = torch.tensor([[0.0, 1.0], [-0.8, 0.6]])  # teacher labels: 1 and 2
+    loss = semantic_consistency(v, u, targets, tau=0.5)
+    expected = F.cross_entropy(torch.tensor([[1.2, 1.6, -1.2], [2.0, 0.0, -2.0]]), torch.tensor([1, 2]))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
