@@ -1,0 +1,540 @@
+"""CLIP-S4 training loop (METHOD.md §2-4): two views per image, segments, and the three losses against a frozen
+teacher whose dense maps were precomputed on the un-augmented images.
+
+The loop only sees arrays and a work folder; the task layer reads and writes artifacts. Every random draw of a step
+is seeded from (seed, step, rank), so a run killed at any point resumes from its last checkpoint and continues
+exactly as if it had not stopped. Under torchrun (RANK / WORLD_SIZE set) it trains with DDP, each rank taking its
+share of every global batch; rank 0 alone writes checkpoints and refreshes the unknown prototypes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from clips4.config import TrainConfig
+from clips4.losses import embedding_consistency, pixel_segment_contrastive, segment_means, semantic_consistency
+from clips4.progress import track
+from clips4.prototypes import spherical_kmeans
+from clips4.segments import segment_views
+from clips4.student import PixelEncoder, build_student
+from clips4.views import color_jitter, sample_views, warp
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "student.safetensors"
+STATE_FILE = "train_state.pt"
+LOSSES_FILE = "losses.csv"
+COMPONENTS = ("contrast", "emb", "sem")  # loss log names of L_contrast, L_emb, L_sem
+POLY_POWER = 0.9
+SGD_MOMENTUM = 0.9
+BUFFER_SIZE = 20_000  # recent CLIP segment embeddings kept for the prototype refresh
+REFRESH_ITERATIONS = 10  # k-means iterations per refresh; it starts from the current prototypes
+_BATCH_STREAM, _VIEW_STREAM = 0, 1  # seed-sequence tags, so batch order and augmentation never share a stream
+
+
+class ArrayLike(Protocol):
+    """numpy array or a lazy array (e.g. Zarr) that is read one image at a time."""
+
+    shape: tuple[int, ...]
+
+    def __getitem__(self, index: int) -> Any: ...
+
+
+@dataclass
+class TrainData:
+    """Training inputs, image-aligned: ``images`` uint8 [N,H,W,3], ``clip_maps`` [N,h,w,D] (teacher dense features
+    of the same un-augmented frame), ``regions`` int [N,H,W] superpixel ids; ``known_text`` [K,D] text embeddings of
+    the known classes only (held-out classes must never be here); ``prototypes`` [M,D] initial unknown prototypes."""
+
+    images: ArrayLike
+    clip_maps: ArrayLike
+    regions: ArrayLike
+    known_text: np.ndarray
+    prototypes: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.images.shape) != 4 or self.images.shape[3] != 3:
+            raise ValueError(f"training images must be RGB [N,H,W,3], got shape {tuple(self.images.shape)}")
+        n, height, width, _ = self.images.shape
+        if tuple(self.regions.shape) != (n, height, width):
+            raise ValueError(f"regions must be [N,H,W] = {(n, height, width)} like the images, "
+                             f"got {tuple(self.regions.shape)}")
+        if len(self.clip_maps.shape) != 4 or self.clip_maps.shape[0] != n:
+            raise ValueError(f"clip_maps must be [N,h,w,D] with N = {n} images, got {tuple(self.clip_maps.shape)}")
+        dim = self.clip_maps.shape[3]
+        for name in ("known_text", "prototypes"):
+            value = np.asarray(getattr(self, name), dtype=np.float32)
+            if value.ndim != 2 or value.shape[1] != dim:
+                raise ValueError(f"{name} must be [*, {dim}] (the CLIP feature dim), got {value.shape}")
+            setattr(self, name, value)
+
+    @property
+    def dim(self) -> int:
+        return int(self.clip_maps.shape[3])
+
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
+class TrainResult:
+    """The trained student (unwrapped, eval mode), the final prototypes [M,D], the loss log (step, component,
+    value; components unweighted, "total" the weighted sum, one row each per step), the number of optimiser steps
+    done, and the step the run resumed from (0 for a fresh start)."""
+
+    model: PixelEncoder
+    prototypes: np.ndarray
+    losses: pd.DataFrame
+    steps_done: int
+    resumed_from: int
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job; rank 0 of world 1 when not launched by torchrun."""
+
+    rank: int = 0
+    world: int = 1
+    enabled: bool = False
+    owns_group: bool = False
+
+
+class EmbeddingBuffer:
+    """Ring buffer of the most recent CLIP segment embeddings (float16, CPU) for refreshing the prototypes."""
+
+    def __init__(self, capacity: int, dim: int) -> None:
+        self.data = torch.zeros(capacity, dim, dtype=torch.float16)
+        self.size = 0
+        self.cursor = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.detach()[-len(self.data):].to("cpu", torch.float16)
+        slots = (self.cursor + torch.arange(len(rows))) % len(self.data)
+        self.data[slots] = rows
+        self.cursor = int((self.cursor + len(rows)) % len(self.data))
+        self.size = min(self.size + len(rows), len(self.data))
+
+    def rows(self) -> np.ndarray:
+        return self.data[: self.size].float().numpy()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data": self.data[: self.size].clone(), "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.size = len(state["data"])
+        self.data[: self.size] = state["data"]
+        self.cursor = int(state["cursor"])
+
+
+def derive_seed(*parts: int) -> int:
+    """One well-mixed 63-bit seed from several integers (run seed, stream, step, rank)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def batch_indices(step: int, batch_size: int, num_images: int, seed: int) -> np.ndarray:
+    """Images of global step ``step``: consecutive slices of a fresh seeded permutation per epoch, so every image is
+    seen once per epoch and any step's batch can be recomputed after a restart."""
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs = positions // num_images
+    out = np.empty(batch_size, np.int64)
+    for epoch in np.unique(epochs):
+        generator = torch.Generator().manual_seed(derive_seed(seed, _BATCH_STREAM, epoch))
+        chosen = epochs == epoch
+        out[chosen] = torch.randperm(num_images, generator=generator).numpy()[positions[chosen] % num_images]
+    return out
+
+
+def take(array: ArrayLike, indices: np.ndarray) -> np.ndarray:
+    """Stack ``array[i]`` for each index: one read per image, so lazy arrays never load more than the batch."""
+    return np.stack([np.asarray(array[int(i)]) for i in indices])
+
+
+@dataclass
+class Batch:
+    """One step's images uint8 [B,H,W,3], regions [B,H,W] and CLIP maps [B,h,w,D], as read from ``TrainData``."""
+
+    images: np.ndarray
+    regions: np.ndarray
+    clip_maps: np.ndarray
+
+
+def read_batch(data: TrainData, indices: np.ndarray) -> Batch:
+    return Batch(take(data.images, indices), take(data.regions, indices), take(data.clip_maps, indices))
+
+
+def normalize_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """[B,3,H,W] in [0,1] -> the teacher's input normalisation (the student sees the same statistics)."""
+    return (images - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+def to_unit_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 [B,H,W,3] -> float [B,3,H,W] in [0,1] on ``device``."""
+    return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255)
+
+
+def poly_decay(total_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor (1 - step/total)^0.9, the poly schedule of DeepLab/HSG."""
+    return lambda step: (1.0 - min(step, total_steps) / total_steps) ** POLY_POWER
+
+
+def make_optimizer(model: PixelEncoder, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = model.param_groups(cfg.lr, cfg.head_lr_mult)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=SGD_MOMENTUM, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def loss_weights(cfg: TrainConfig) -> dict[str, float]:
+    """The loss components that are switched on, with their weights."""
+    lambdas = (cfg.lambda_contrast, cfg.lambda_emb, cfg.lambda_sem)
+    weights = {name: w for name, w in zip(COMPONENTS, lambdas) if w > 0}
+    if not weights:
+        raise ValueError("train.lambda_contrast, lambda_emb and lambda_sem are all 0: nothing to train; "
+                         "set at least one of them above 0")
+    return weights
+
+
+def step_losses(
+    model: nn.Module,
+    batch: Batch,
+    cfg: TrainConfig,
+    targets: torch.Tensor,
+    mean_std: tuple[torch.Tensor, torch.Tensor],
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The switched-on loss components of one batch (two views per image) and the CLIP segment embeddings u."""
+    weights = loss_weights(cfg)
+    images = to_unit_images(batch.images, device)
+    regions = torch.from_numpy(batch.regions.astype(np.int64)).to(device)
+    clip = torch.from_numpy(batch.clip_maps).to(device).permute(0, 3, 1, 2).float()
+    count, _, height, width = images.shape
+
+    # Region ids unique per image and shared by its two views: the same region in both views is one positive group.
+    span = int(regions.max().clamp(min=0)) + 1
+    offsets = torch.arange(count, device=device).view(-1, 1, 1) * span
+    regions = torch.where(regions >= 0, regions + offsets, -1)
+
+    views = sample_views(2 * count, (height, width), cfg.input_size, cfg.crop_scale, generator)
+    pixels = color_jitter(warp(images.repeat(2, 1, 1, 1), views), cfg.color_jitter, generator)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+        z = model(normalize_images(pixels, *mean_std))
+    z = z.float()
+    size = z.shape[-1]
+    view_regions = warp(regions.repeat(2, 1, 1)[:, None], views, size, mode="nearest")[:, 0]
+    view_clip = warp(clip.repeat(2, 1, 1, 1), views, size, mode="bilinear", frame_size=(height, width))
+
+    segments = segment_views(z.detach(), view_regions, cfg.grid_seeds, cfg.kmeans_iters)
+    valid = segments.ids >= 0
+    seg = segments.ids[valid]
+    z_pix = z.permute(0, 2, 3, 1)[valid]
+    v = segment_means(z_pix, seg, segments.num)
+    u = segment_means(view_clip.permute(0, 2, 3, 1)[valid], seg, segments.num)
+
+    losses: dict[str, torch.Tensor] = {}
+    if "contrast" in weights:
+        losses["contrast"] = pixel_segment_contrastive(z_pix, seg, v, segments.region, cfg.kappa)
+    if "emb" in weights:
+        losses["emb"] = embedding_consistency(v, u)
+    if "sem" in weights:
+        losses["sem"] = semantic_consistency(v, u, targets, cfg.tau)
+    return losses, u
+
+
+def train_step(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batch: Batch,
+    cfg: TrainConfig,
+    targets: torch.Tensor,
+    mean_std: tuple[torch.Tensor, torch.Tensor],
+    generator: torch.Generator,
+    device: torch.device,
+    group: Distributed,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """One optimiser step; returns the loss values to log (components unweighted, total weighted; averaged over
+    DDP ranks) and the CLIP segment embeddings u of the batch."""
+    losses, u = step_losses(net, batch, cfg, targets, mean_std, generator, device)
+    weights = loss_weights(cfg)
+    total = sum(weights[name] * value for name, value in losses.items())
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"training loss is {total.item()}; lower train.lr or check the inputs "
+                                 "(CLIP maps and text embeddings must be finite)")
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    scheduler.step()
+    values = torch.stack([*losses.values(), total]).detach()
+    if group.enabled:
+        dist.all_reduce(values)
+        values /= group.world
+    return dict(zip([*losses, "total"], values.tolist())), u
+
+
+def setup_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
+    """Join the torchrun process group when RANK / WORLD_SIZE say so (nccl on CUDA, gloo on CPU)."""
+    if "RANK" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Distributed(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), enabled=True, owns_group=owns), device
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file and rename, so a killed run never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_student(model: PixelEncoder, path: Path, cfg: TrainConfig, step: int) -> None:
+    """Weights as safetensors, with what :func:`load_student` needs to rebuild the network in the metadata."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"student": cfg.student, "width": str(cfg.width), "out_dim": str(model.out_dim), "step": str(step)}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+
+
+def load_student(path: Path, device: torch.device) -> PixelEncoder:
+    """Rebuild a trained student from ``student.safetensors`` (architecture from its metadata), in eval mode."""
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    if not {"student", "width", "out_dim"} <= meta.keys():
+        raise ValueError(f"{path} has no clips4 student metadata (student, width, out_dim); "
+                         "it was not written by clips4.training")
+    model = build_student(meta["student"], int(meta["out_dim"]), int(meta["width"]))  # type: ignore[arg-type]
+    model.load_state_dict(load_file(str(path)))
+    return model.to(device).eval()
+
+
+def losses_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["step", "component", "value"])
+
+
+def train_student(
+    data: TrainData,
+    cfg: TrainConfig,
+    teacher_mean_std: tuple[tuple[float, float, float], tuple[float, float, float]],
+    workdir: Path,
+    device: torch.device,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train the student for ``cfg.steps`` optimiser steps, resuming from the checkpoint in ``workdir`` if any.
+
+    ``teacher_mean_std`` is the teacher's input (mean, std); ``log`` receives progress messages (start/resume,
+    checkpoints, prototype refreshes). Writes ``student.safetensors``, ``train_state.pt`` and ``losses.csv`` to
+    ``workdir`` every ``cfg.checkpoint_every`` steps and at the end.
+    """
+    loss_weights(cfg)  # refuse an all-zero loss before joining any process group
+    group, device = setup_distributed(device)
+    try:
+        result = _train(data, cfg, teacher_mean_std, Path(workdir), device, group, log or logger.info)
+        if group.enabled:
+            dist.barrier()
+        return result
+    finally:
+        if group.owns_group:
+            dist.destroy_process_group()
+
+
+def _train(
+    data: TrainData,
+    cfg: TrainConfig,
+    teacher_mean_std: tuple[tuple[float, float, float], tuple[float, float, float]],
+    workdir: Path,
+    device: torch.device,
+    group: Distributed,
+    log: Callable[[str], None],
+) -> TrainResult:
+    if cfg.batch_size < group.world:
+        raise ValueError(f"train.batch_size={cfg.batch_size} is smaller than the {group.world} DDP processes; "
+                         "each process needs at least one image per step")
+    is_main = group.rank == 0
+    say = log if is_main else lambda message: None
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    with torch.random.fork_rng(devices=[]):  # same initial weights on every rank and in every rerun
+        torch.manual_seed(cfg.seed)
+        model = build_student(cfg.student, data.dim, cfg.width, cfg.backbone_weights)
+    if group.world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_decay(cfg.steps))
+    known_text = torch.from_numpy(data.known_text).to(device)
+    prototypes = torch.from_numpy(data.prototypes).to(device)
+    buffer = EmbeddingBuffer(BUFFER_SIZE, data.dim)
+    rows: list[dict[str, Any]] = []
+    start = 0
+    if (workdir / STATE_FILE).is_file():
+        start, prototypes, rows = load_checkpoint(workdir, model, optimizer, scheduler, buffer, device)
+        if prototypes.shape != data.prototypes.shape:
+            raise ValueError(f"checkpoint in {workdir} has prototypes {tuple(prototypes.shape)} but the data has "
+                             f"{data.prototypes.shape}; delete {workdir} to start over")
+        say(f"resuming training from step {start} of {cfg.steps} ({workdir})")
+    else:
+        say(f"training {cfg.student} for {cfg.steps} steps, batch {cfg.batch_size}, "
+            f"losses {', '.join(loss_weights(cfg))}")
+
+    net: nn.Module = model
+    if group.enabled:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    mean_std = (torch.tensor(teacher_mean_std[0], device=device), torch.tensor(teacher_mean_std[1], device=device))
+    refresh = cfg.refresh_every > 0 and len(prototypes) > 0
+
+    def indices(step: int) -> np.ndarray:
+        return batch_indices(step, cfg.batch_size, data.num_images, cfg.seed)[group.rank :: group.world]
+
+    net.train()
+    steps = range(start, cfg.steps)
+    with ThreadPoolExecutor(max_workers=1) as reader:  # reads the next batch while this one trains
+        pending = reader.submit(read_batch, data, indices(start)) if steps else None
+        for step in track(steps, "train student", unit="step") if is_main else steps:
+            batch = pending.result()  # type: ignore[union-attr]
+            if step + 1 < cfg.steps:
+                pending = reader.submit(read_batch, data, indices(step + 1))
+            generator = torch.Generator().manual_seed(derive_seed(cfg.seed, _VIEW_STREAM, step, group.rank))
+            targets = torch.cat([known_text, prototypes])
+            values, u = train_step(net, optimizer, scheduler, batch, cfg, targets, mean_std, generator, device, group)
+            rows.extend({"step": step, "component": name, "value": value} for name, value in values.items())
+            if refresh and is_main:
+                buffer.add(u)
+            done = step + 1
+            if refresh and done % cfg.refresh_every == 0:
+                prototypes = refresh_prototypes(buffer, known_text, prototypes, cfg.seed + done, group, say)
+            if is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                save_checkpoint(workdir, model, optimizer, scheduler, buffer, prototypes, rows, cfg, done)
+                shown = ", ".join(f"{name} {value:.4f}" for name, value in values.items())
+                say(f"step {done}: loss {shown}; checkpoint written to {workdir}")
+
+    return TrainResult(
+        model=model.eval(),
+        prototypes=prototypes.cpu().numpy(),
+        losses=losses_frame(rows),
+        steps_done=max(start, cfg.steps),
+        resumed_from=start,
+    )
+
+
+def refresh_prototypes(
+    buffer: EmbeddingBuffer,
+    known_text: torch.Tensor,
+    prototypes: torch.Tensor,
+    seed: int,
+    group: Distributed,
+    say: Callable[[str], None],
+) -> torch.Tensor:
+    """Re-cluster the recent CLIP segment embeddings with the known texts fixed, starting from the current
+    prototypes (METHOD.md §4); rank 0 computes, every rank receives the result."""
+    if group.rank == 0 and buffer.size >= len(known_text) + len(prototypes):
+        result = spherical_kmeans(buffer.rows(), len(prototypes), REFRESH_ITERATIONS, seed, BUFFER_SIZE,
+                                  fixed=known_text.cpu().numpy(), init=prototypes.cpu().numpy())
+        prototypes = torch.from_numpy(result.centroids[len(known_text):]).to(prototypes.device)
+        sizes = result.sizes[len(known_text):].tolist()
+        say(f"refreshed {len(prototypes)} unknown prototypes from {buffer.size} segment embeddings (sizes {sizes})")
+    if group.enabled:
+        prototypes = prototypes.contiguous()
+        dist.broadcast(prototypes, src=0)
+    return prototypes
+
+
+def save_checkpoint(
+    workdir: Path,
+    model: PixelEncoder,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    buffer: EmbeddingBuffer,
+    prototypes: torch.Tensor,
+    rows: list[dict[str, Any]],
+    cfg: TrainConfig,
+    step: int,
+) -> None:
+    """Weights, loss log, then the state file last: the state's step is what a resumed run trusts."""
+    save_student(model, workdir / WEIGHTS_FILE, cfg, step)
+    atomic_write(workdir / LOSSES_FILE, lambda tmp: losses_frame(rows).to_csv(tmp, index=False))
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "prototypes": prototypes.detach().cpu(),
+        "buffer": buffer.state_dict(),
+    }
+    atomic_write(workdir / STATE_FILE, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(
+    workdir: Path,
+    model: PixelEncoder,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    buffer: EmbeddingBuffer,
+    device: torch.device,
+) -> tuple[int, torch.Tensor, list[dict[str, Any]]]:
+    """Restore everything :func:`save_checkpoint` wrote; returns (step, prototypes, loss rows before step)."""
+    state = torch.load(workdir / STATE_FILE, map_location="cpu", weights_only=True)
+    step = int(state["step"])
+    weights_path = workdir / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{workdir} has {STATE_FILE} but no {WEIGHTS_FILE}; delete {workdir} to start over")
+    with safe_open(str(weights_path), framework="pt") as handle:
+        weights_step = int((handle.metadata() or {}).get("step", step))
+    if weights_step != step:
+        logger.warning("%s is from step %d but %s from step %d (killed between the two writes); resuming with them",
+                       weights_path, weights_step, STATE_FILE, step)
+    try:
+        model.load_state_dict(load_file(str(weights_path), device=str(device)))
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"the checkpoint in {workdir} was written for a different student or optimiser "
+                         f"({err}); delete {workdir} to start over") from err
+    scheduler.load_state_dict(state["scheduler"])
+    buffer.load_state_dict(state["buffer"])
+    rows: list[dict[str, Any]] = []
+    if (workdir / LOSSES_FILE).is_file():
+        frame = pd.read_csv(workdir / LOSSES_FILE)
+        rows = frame[frame["step"] < step].to_dict("records")
+    return step, state["prototypes"].to(device), rows
+
+
+@torch.no_grad()
+def embed_images(
+    model: nn.Module,
+    images: np.ndarray,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    device: torch.device,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Student pixel embeddings float32 [B,D,h,w] (on the CPU) of uint8 images [B,H,W,3], in eval mode."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"embed_images expects uint8 RGB images [B,H,W,3], got shape {images.shape}")
+    was_training = model.training
+    model.eval()
+    mean_t, std_t = torch.tensor(mean, device=device), torch.tensor(std, device=device)
+    out = [
+        model(normalize_images(to_unit_images(images[i : i + batch_size], device), mean_t, std_t)).float().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(out)

@@ -1,0 +1,107 @@
+import logging
+
+import faiss
+import numpy as np
+import pytest
+
+from clips4.prototypes import spherical_kmeans, unknown_prototypes
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def blob_data(num_blobs: int, per_blob: int, dim: int = 16, spread: float = 0.15, seed: int = 0):
+    """Unit vectors around ``num_blobs`` random directions; returns (points, labels, blob means)."""
+    rng = np.random.default_rng(seed)
+    means = unit(rng.standard_normal((num_blobs, dim)))
+    labels = np.repeat(np.arange(num_blobs), per_blob)
+    points = unit(means[labels] + spread * rng.standard_normal((len(labels), dim)))
+    return points, labels, means
+
+
+def test_fixed_centres_never_move():
+    x, _, _ = blob_data(5, 40)
+    fixed = unit(np.random.default_rng(1).standard_normal((3, 16)))
+    result = spherical_kmeans(x, k=4, iterations=10, seed=0, fixed=fixed)
+    assert result.centroids.shape == (7, 16)
+    np.testing.assert_allclose(result.centroids[:3], fixed, atol=1e-6)
+    one_step = spherical_kmeans(x, k=4, iterations=1, seed=0, fixed=fixed)
+    np.testing.assert_array_equal(one_step.centroids[:3], result.centroids[:3])
+    assert not np.array_equal(one_step.centroids[3:], result.centroids[3:])  # while the free ones did move
+    np.testing.assert_allclose(np.linalg.norm(result.centroids, axis=1), 1.0, atol=1e-5)
+    assert result.sizes.sum() == len(x) and result.assignment.shape == (len(x),)
+
+
+def test_free_centres_find_the_unknown_blobs():
+    x, labels, means = blob_data(6, 60)
+    known, unknown = means[:4], means[4:]
+    result = spherical_kmeans(x, k=2, iterations=20, seed=0, fixed=known)
+    free = result.centroids[4:]
+    # each unknown blob has its own free centre, close to the blob's direction
+    best = (unknown @ free.T).argmax(axis=1)
+    assert sorted(best.tolist()) == [0, 1]
+    assert (unknown @ free.T).max(axis=1).min() > 0.95
+    # known blobs go to their fixed text centre, unknown blobs to the free centres
+    np.testing.assert_array_equal(result.assignment[labels < 4], labels[labels < 4])
+    assert (result.assignment[labels >= 4] >= 4).all()
+
+
+def test_without_fixed_centres_recovers_blobs():
+    x, labels, _ = blob_data(4, 50)
+    result = spherical_kmeans(x, k=4, iterations=20, seed=3)
+    # a perfect partition: every blob maps to exactly one cluster
+    pairs = {(int(a), int(b)) for a, b in zip(labels, result.assignment)}
+    assert len(pairs) == 4 and len({b for _, b in pairs}) == 4
+    assert result.inertia == pytest.approx(float((1 - (x * result.centroids[result.assignment]).sum(1)).sum()),
+                                           rel=1e-4)
+
+
+def test_subsampling_is_logged_and_deterministic(caplog):
+    x, _, _ = blob_data(3, 200)
+    with caplog.at_level(logging.WARNING, logger="clips4.prototypes"):
+        a = spherical_kmeans(x, k=3, iterations=5, seed=7, max_points_per_centroid=50)
+    assert any("subsample of 150" in r.getMessage() and "seed 7" in r.getMessage() for r in caplog.records)
+    b = spherical_kmeans(x, k=3, iterations=5, seed=7, max_points_per_centroid=50)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    assert a.assignment.shape == (600,)  # every point is assigned, not only the subsample
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="clips4.prototypes"):
+        spherical_kmeans(x, k=3, iterations=5, seed=7, max_points_per_centroid=200)
+    assert not caplog.records
+
+
+def test_init_is_used_and_empty_centres_are_reseeded():
+    x, _, means = blob_data(3, 50)
+    far = unit(-means.sum(0, keepdims=True))  # a start no point is nearest to
+    result = spherical_kmeans(x, k=3, iterations=10, seed=0, init=np.concatenate([means[:2], far]))
+    assert (result.sizes > 0).all()
+    assert (means @ result.centroids.T).max(axis=1).min() > 0.95
+    with pytest.raises(ValueError, match="init centres must have shape"):
+        spherical_kmeans(x, k=3, init=means[:2])
+
+
+def test_unknown_prototypes_wrapper_and_no_unknowns():
+    x, _, means = blob_data(5, 30)
+    protos, sizes_known, sizes_unknown = unknown_prototypes(x, means[:3], num_unknown=2, iterations=10, seed=0)
+    assert protos.shape == (2, 16) and sizes_known.shape == (3,) and sizes_unknown.shape == (2,)
+    assert sizes_known.sum() + sizes_unknown.sum() == len(x)
+    protos, sizes_known, sizes_unknown = unknown_prototypes(x, means[:3], num_unknown=0)
+    assert protos.shape == (0, 16) and sizes_unknown.shape == (0,) and sizes_known.sum() == len(x)
+
+
+def test_bad_input_is_refused():
+    x, _, _ = blob_data(2, 5)
+    with pytest.raises(ValueError, match="cannot place 20 free centres"):
+        spherical_kmeans(x, k=20)
+    with pytest.raises(ValueError, match="all-zero rows"):
+        spherical_kmeans(np.zeros((4, 16), np.float32), k=1)
+    with pytest.raises(ValueError, match="fixed centres have dim"):
+        spherical_kmeans(x, k=1, fixed=np.ones((2, 8), np.float32))
+
+
+@pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="only meaningful where faiss has no GPU")
+def test_gpu_request_without_gpu_faiss_is_a_clear_error():
+    x, _, _ = blob_data(2, 5)
+    with pytest.raises(RuntimeError, match="faiss-gpu"):
+        spherical_kmeans(x, k=2, use_gpu=True)

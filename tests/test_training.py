@@ -1,0 +1,251 @@
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from clips4 import training
+from clips4.config import TrainConfig
+from clips4.training import (
+    STATE_FILE,
+    TrainData,
+    batch_indices,
+    embed_images,
+    load_student,
+    train_student,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+MEAN_STD = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+CPU = torch.device("cpu")
+N, SIZE, DIM, KNOWN, UNKNOWN = 8, 32, 16, 3, 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy machine waiting for them dominates."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def tiny_arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    """8 random 32px images, 8x8 CLIP maps of dim 16, 4x4 block superpixels, 3 known texts, 2 prototypes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    return {
+        "images": rng.integers(0, 256, (N, SIZE, SIZE, 3), dtype=np.uint8),
+        "clip_maps": unit(rng.standard_normal((N, 8, 8, DIM))).astype(np.float16),
+        "regions": np.broadcast_to(((yy // 8) * 4 + xx // 8).astype(np.int32), (N, SIZE, SIZE)).copy(),
+        "known_text": unit(rng.standard_normal((KNOWN, DIM))),
+        "prototypes": unit(rng.standard_normal((UNKNOWN, DIM))),
+    }
+
+
+def tiny_cfg(**overrides) -> TrainConfig:
+    base = dict(width=8, input_size=16, steps=3, batch_size=4, grid_seeds=2, kmeans_iters=3, refresh_every=2,
+                checkpoint_every=2, device="cpu", seed=0)
+    return TrainConfig(**{**base, **overrides})
+
+
+def run(workdir: Path, log=None, **overrides) -> training.TrainResult:
+    return train_student(TrainData(**tiny_arrays()), tiny_cfg(**overrides), MEAN_STD, workdir, CPU, log=log)
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, msg=key)
+
+
+class CountingArray:
+    """A lazy array-like that records which images were read."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array, self.shape, self.reads = array, array.shape, []
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        self.reads.append(index)
+        return self.array[index]
+
+
+def test_tiny_training_runs_and_writes_its_files(tmp_path):
+    arrays = tiny_arrays()
+    arrays["clip_maps"] = lazy = CountingArray(arrays["clip_maps"])
+    result = train_student(TrainData(**arrays), tiny_cfg(steps=3), MEAN_STD, tmp_path, CPU)
+    assert len(lazy.reads) == 3 * 4  # batch by batch, never the whole array
+    assert result.steps_done == 3 and result.resumed_from == 0
+    assert set(result.losses["component"]) == {"contrast", "emb", "sem", "total"}
+    assert sorted(result.losses["step"].unique()) == [0, 1, 2]
+    assert np.isfinite(result.losses["value"]).all()
+    assert result.prototypes.shape == (UNKNOWN, DIM)
+    for name in ("student.safetensors", "train_state.pt", "losses.csv"):
+        assert (tmp_path / name).is_file()
+    assert not list(tmp_path.glob("*.tmp"))
+    total = result.losses.pivot(index="step", columns="component", values="value")
+    np.testing.assert_allclose(total["total"], total["contrast"] + total["emb"] + total["sem"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("component", ["contrast", "emb", "sem"])
+def test_zero_weight_removes_its_component(tmp_path, component, monkeypatch):
+    skipped = {"contrast": "pixel_segment_contrastive", "emb": "embedding_consistency",
+               "sem": "semantic_consistency"}[component]
+    monkeypatch.setattr(training, skipped, lambda *a, **k: pytest.fail(f"{skipped} computed with weight 0"))
+    result = run(tmp_path, steps=2, **{f"lambda_{component}": 0.0})
+    assert set(result.losses["component"]) == {"contrast", "emb", "sem", "total"} - {component}
+    assert np.isfinite(result.losses["value"]).all()
+
+
+def test_all_weights_zero_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="nothing to train"):
+        run(tmp_path, lambda_contrast=0.0, lambda_emb=0.0, lambda_sem=0.0)
+
+
+def test_targets_are_the_given_known_texts_then_the_prototypes(tmp_path, monkeypatch):
+    seen = []
+    real = training.semantic_consistency
+
+    def spy(seg_emb, clip_seg, targets, tau):
+        seen.append(targets.detach().clone())
+        return real(seg_emb, clip_seg, targets, tau)
+
+    monkeypatch.setattr(training, "semantic_consistency", spy)
+    arrays = tiny_arrays()
+    result = run(tmp_path, steps=3, refresh_every=2)
+    assert len(seen) == 3
+    for targets in seen:
+        assert targets.shape == (KNOWN + UNKNOWN, DIM)  # K known texts + M prototypes, nothing else
+        torch.testing.assert_close(targets[:KNOWN], torch.from_numpy(arrays["known_text"]))
+    torch.testing.assert_close(seen[0][KNOWN:], torch.from_numpy(arrays["prototypes"]))
+    # the refresh after step 2 changed the prototypes used at step 3, never the known texts
+    assert not torch.equal(seen[2][KNOWN:], seen[0][KNOWN:])
+    torch.testing.assert_close(seen[2][KNOWN:], torch.from_numpy(result.prototypes))
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path):
+    first = run(tmp_path, steps=4, checkpoint_every=2)
+    assert first.steps_done == 4
+    messages = []
+    second = run(tmp_path, log=messages.append, steps=6, checkpoint_every=2)
+    assert second.resumed_from == 4 and second.steps_done == 6
+    assert any("resuming training from step 4" in m for m in messages)
+    assert sorted(second.losses["step"].unique()) == list(range(6))
+    assert len(second.losses) == 6 * 4  # no step logged twice
+
+
+def test_interrupted_run_ends_like_an_uninterrupted_one(tmp_path):
+    whole = run(tmp_path / "whole", steps=6, checkpoint_every=2, refresh_every=3)
+
+    def crash_after_step_4(message: str) -> None:
+        if message.startswith("step 4:") and "checkpoint written" in message:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "split", log=crash_after_step_4, steps=6, checkpoint_every=2, refresh_every=3)
+    resumed = run(tmp_path / "split", steps=6, checkpoint_every=2, refresh_every=3)
+    assert resumed.resumed_from == 4
+    assert_same_weights(whole.model, resumed.model)
+    np.testing.assert_array_equal(whole.prototypes, resumed.prototypes)
+    np.testing.assert_allclose(whole.losses["value"], resumed.losses["value"], rtol=1e-6)
+
+
+SCRIPT = """
+import sys
+from pathlib import Path
+import numpy as np, torch
+from clips4.config import TrainConfig
+from clips4.training import TrainData, train_student
+arrays = dict(np.load(sys.argv[1]))
+cfg = TrainConfig.model_validate_json(sys.argv[2])
+train_student(TrainData(**arrays), cfg, {mean_std!r}, Path(sys.argv[3]), torch.device("cpu"))
+"""
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint(tmp_path):
+    arrays = tiny_arrays()
+    np.savez(tmp_path / "data.npz", **arrays)
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(mean_std=MEAN_STD))
+    workdir = tmp_path / "work"
+    cfg = tiny_cfg(steps=500, checkpoint_every=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "data.npz"), cfg.model_dump_json(),
+                             str(workdir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (workdir / STATE_FILE).is_file():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint within 60 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = torch.load(workdir / STATE_FILE, weights_only=True)["step"]
+    result = train_student(TrainData(**arrays), cfg.model_copy(update={"steps": done + 2}), MEAN_STD, workdir, CPU)
+    assert result.resumed_from == done > 0
+    assert result.steps_done == done + 2
+    assert sorted(result.losses["step"].unique()) == list(range(done + 2))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_path_with_one_process_matches_plain_training(tmp_path, monkeypatch):
+    plain = run(tmp_path / "plain", steps=2)
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    joined = []
+    real_init = dist.init_process_group
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.append(backend) or
+                        real_init(backend, **kw))
+    ddp = run(tmp_path / "ddp", steps=2)
+    assert joined == ["gloo"]
+    assert not dist.is_initialized()  # the group it created is torn down again
+    assert_same_weights(plain.model, ddp.model)
+    np.testing.assert_allclose(plain.losses["value"], ddp.losses["value"], rtol=1e-6)
+
+
+def test_batches_cover_every_image_once_per_epoch():
+    first_epoch = np.concatenate([batch_indices(s, 3, 9, seed=1) for s in range(3)])
+    assert sorted(first_epoch.tolist()) == list(range(9))
+    np.testing.assert_array_equal(batch_indices(4, 3, 9, seed=1), batch_indices(4, 3, 9, seed=1))
+    assert not np.array_equal(batch_indices(0, 9, 9, seed=1), batch_indices(0, 9, 9, seed=2))
+    spanning = batch_indices(1, 6, 9, seed=0)  # positions 6..11: end of epoch 0, start of epoch 1
+    assert len(spanning) == 6
+
+
+def test_embed_images_and_load_student(tmp_path):
+    result = run(tmp_path, steps=1)
+    images = tiny_arrays()["images"][:5]
+    emb = embed_images(result.model, images, *MEAN_STD, CPU, batch_size=2)
+    assert emb.shape == (5, DIM, SIZE // result.model.stride, SIZE // result.model.stride)  # full images, not views
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(5, *emb.shape[2:]))
+    reloaded = load_student(tmp_path / "student.safetensors", CPU)
+    torch.testing.assert_close(embed_images(reloaded, images, *MEAN_STD, CPU), emb)
+
+
+def test_mismatched_inputs_are_refused():
+    arrays = tiny_arrays()
+    with pytest.raises(ValueError, match="regions must be"):
+        TrainData(**{**arrays, "regions": arrays["regions"][:, :16]})
+    with pytest.raises(ValueError, match="known_text must be"):
+        TrainData(**{**arrays, "known_text": np.ones((3, 8), np.float32)})
