@@ -119,13 +119,16 @@ class DataConfig(Section):
     )
     max_images: int | None = Field(None, ge=1, description="Cap per split (for quick runs); null = all.")
     sbd_aug: bool = Field(False, description="VOC: add the SBD augmented training list when present.")
-    coarse: bool = Field(False, description="COCO-Stuff: use the 27 coarse classes (unsupervised protocol).")
+    coarse: bool = Field(False, description="COCO-Stuff and Cityscapes: use the 27 coarse classes (unsupervised protocol).")
+    train_resolution: int = Field(
+        320, ge=16, description="Training images are resized to this square side; superpixels are computed there."
+    )
     on_bad_input: Literal["error", "skip"] = Field(
         "error", description="error: stop and name the bad file; skip: record it in the report and go on."
     )
     regions: RegionsConfig = Field(default_factory=RegionsConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
-    num_workers: int = volatile(0, "Worker processes for validation and superpixels (0 = in-process).")
+    num_workers: int = volatile(0, "Threads that decode images during validation (0 = in the calling thread).")
 
 
 # -------------------------------------------------------------------------------------------------------- teacher
@@ -201,6 +204,9 @@ class TrainConfig(Section):
     lambda_contrast: float = Field(1.0, ge=0, description="Weight of L_contrast (0 turns it off).")
     lambda_emb: float = Field(1.0, ge=0, description="Weight of L_emb (0 turns it off).")
     lambda_sem: float = Field(1.0, ge=0, description="Weight of L_sem (0 turns it off).")
+    contrast_pixels: int = Field(
+        4096, ge=0, description="Pixels sampled per step for L_contrast (0 = every pixel); segments use all pixels."
+    )
     grid_seeds: int = Field(4, ge=1, description="Segment k-means seeds per side (grid_seeds**2 per view).")
     kmeans_iters: int = Field(10, ge=1, description="Segment k-means iterations.")
     crop_scale: tuple[float, float] = Field((0.5, 1.5), description="Random resized crop scale range.")
@@ -210,7 +216,6 @@ class TrainConfig(Section):
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
     checkpoint_every: int = volatile(100, "Steps between resumable checkpoints.")
     device: str = volatile("auto", "'auto', 'cpu' or 'cuda[:i]'.")
-    num_workers: int = volatile(0, "DataLoader workers.")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -338,3 +343,36 @@ def resolve_config(
 def to_yaml(cfg: Section) -> str:
     """The resolved config as YAML (paths as strings, tuples as lists)."""
     return yaml.safe_dump(_plain(cfg.model_dump(mode="json")), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """The configuration reference (docs/configuration.md), generated from the models so it cannot drift."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `clips4/config.py` by `clips4 config reference` (a test keeps this file in sync).",
+        "Set any field with `--set section.field=value` (values are YAML: `[a, b]`, `null`, `0.02`).",
+        "Fields marked *volatile* change how a stage runs, not what it writes: they do not change artifact keys.",
+        "",
+    ]
+
+    def walk(model: type[Section], prefix: str) -> None:
+        rows, subsections = [], []
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, Section):
+                subsections.append((annotation, f"{prefix}{name}."))
+                continue
+            default = field.default_factory() if field.default_factory else field.default
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            note = " *(volatile)*" if extra.get("volatile") else ""
+            shown = yaml.safe_dump(_plain(default), default_flow_style=True).strip().removesuffix("...").strip()
+            rows.append(f"| `{prefix}{name}` | `{shown}` | {field.description or ''}{note} |")
+        if rows:
+            lines.extend([f"## `{prefix.rstrip('.') or 'pipeline'}`", "", (model.__doc__ or "").strip(), ""])
+            lines.extend(["| field | default | meaning |", "|---|---|---|", *rows, ""])
+        for sub, sub_prefix in subsections:
+            walk(sub, sub_prefix)
+
+    walk(PipelineConfig, "")
+    return "\n".join(lines)

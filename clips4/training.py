@@ -210,6 +210,13 @@ def loss_weights(cfg: TrainConfig) -> dict[str, float]:
     return weights
 
 
+def contrast_subset(count: int, limit: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Indices of at most ``limit`` of ``count`` pixels (all of them when ``limit`` is 0 or not smaller)."""
+    if limit == 0 or count <= limit:
+        return torch.arange(count, device=device)
+    return torch.randperm(count, generator=generator)[:limit].to(device)
+
+
 def step_losses(
     model: nn.Module,
     batch: Batch,
@@ -249,7 +256,9 @@ def step_losses(
 
     losses: dict[str, torch.Tensor] = {}
     if "contrast" in weights:
-        losses["contrast"] = pixel_segment_contrastive(z_pix, seg, v, segments.region, cfg.kappa)
+        # A random subset of pixels is an unbiased estimate of the mean over pixels at a fraction of the N x S cost.
+        keep = contrast_subset(len(seg), cfg.contrast_pixels, generator, device)
+        losses["contrast"] = pixel_segment_contrastive(z_pix[keep], seg[keep], v, segments.region, cfg.kappa)
     if "emb" in weights:
         losses["emb"] = embedding_consistency(v, u)
     if "sem" in weights:
@@ -517,6 +526,7 @@ def load_checkpoint(
     return step, state["prototypes"].to(device), rows
 
 
+@torch.no_grad()
 @torch.no_grad()
 def embed_images(
     model: nn.Module,

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clips4.config import STAGES, ConfigError, resolve_config, to_yaml
+from clips4.config import STAGES, ConfigError, reference_markdown, resolve_config, to_yaml
 from storage import Store, StoreError
 
 app = typer.Typer(help="CLIP-S4 semantic segmentation without labels, as a resumable pipeline.", no_args_is_help=True)
@@ -49,6 +49,12 @@ def config_show(preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt
     """Print the resolved configuration as YAML."""
     cfg = load_config(preset, config, set_)
     sys.stdout.write(to_yaml(cfg))
+
+
+@config_app.command("reference")
+def config_reference() -> None:
+    """Print the configuration reference (every field, default and meaning) as Markdown."""
+    sys.stdout.write(reference_markdown())
 
 
 # -------------------------------------------------------------------------------------------------------- store
@@ -147,6 +153,18 @@ def run(
         run_pipeline(preset, str(config) if config else None, set_, chosen, force, store, console)
     except (PipelineError, StoreError, ConfigError) as e:
         fail(str(e), code=1)
+
+
+@app.command("serve")
+def serve_cmd(
+    name: Annotated[str, typer.Option(help="Deployment name (runs are addressed as FLOW/NAME).")] = "default",
+    limit: Annotated[Optional[int], typer.Option(help="Most runs of each deployment at once (e.g. 1 per GPU).")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Serve deployments of the pipeline and of every stage to the Prefect server in PREFECT_API_URL."""
+    from flows.serve import serve_all
+
+    serve_all(name, store, limit)
 
 
 def main() -> None:

@@ -130,6 +130,17 @@ class Store:
     def _staging(self, key: str) -> Path:
         return self.root / ".staging" / validate_key(key)
 
+    def staging(self, key: str, reset: bool = False) -> ArtifactFiles:
+        """The work area of an artifact built in several steps (e.g. shards on several workers).
+
+        Each step writes only its own files there; :meth:`produce` later publishes the folder. ``reset`` empties it.
+        """
+        folder = self._staging(key)
+        if reset and folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        return ArtifactFiles(folder)
+
     def _lock(self, key: str) -> FileLock:
         locks = self.root / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
@@ -190,12 +201,14 @@ class Store:
         config: dict[str, Any],
         upstream: list[str],
         force: bool = False,
+        reset_staging: bool | None = None,
         lock_timeout: float = -1,
     ) -> tuple[Manifest, bool]:
         """Return the complete artifact ``key``, building it with ``build`` unless it exists (then ``reused``).
 
         ``build`` writes into a staging folder that survives a crash, so a rerun can resume work it finds there;
-        ``force`` discards both the staging folder and any stored artifact of that key. ``build`` may return a
+        ``force`` rebuilds even when the artifact exists, and also discards the staging folder unless
+        ``reset_staging`` is False (a multi-step build resets it itself, at its start). ``build`` may return a
         summary dict stored in the manifest. Two processes asking for one key: the second waits, then reuses.
         """
         if KEY_PATTERN.match(validate_key(key))["kind"] != kind:  # type: ignore[index]
@@ -203,12 +216,10 @@ class Store:
         with self._lock(key).acquire(timeout=lock_timeout):
             if self.exists(key) and not force:
                 return self.manifest(key), True
-            staging = self._staging(key)
-            if force and staging.exists():
-                shutil.rmtree(staging)
-            staging.mkdir(parents=True, exist_ok=True)
+            files = self.staging(key, reset=force if reset_staging is None else reset_staging)
+            staging = files.dir
             start = time.time()
-            summary = build(ArtifactFiles(staging)) or {}
+            summary = build(files) or {}
             manifest = Manifest(
                 kind=kind,
                 key=key,

@@ -76,6 +76,7 @@ def run_stage(
     upstream: dict[str, str],
     build: Callable[[ArtifactFiles], dict[str, Any] | None],
     force: bool = False,
+    reset_staging: bool | None = None,
 ) -> StageResult:
     """Reuse the stage's artifact when its key is complete in the store; otherwise build it (resumably).
 
@@ -99,5 +100,6 @@ def run_stage(
         config=section.model_dump(mode="json"),
         upstream=list(upstream.values()),
         force=force,
+        reset_staging=reset_staging,
     )
     return StageResult(stage, key, reused, round(time.time() - start, 2), manifest.summary)

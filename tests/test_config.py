@@ -81,3 +81,13 @@ def test_fingerprint_stable_and_sensitive() -> None:
     assert resolve_config(overrides=["features.batch_size=3"]).features.fingerprint() == a.features.fingerprint()
     # Nested sections count.
     assert resolve_config(overrides=["data.synthetic.seed=9"]).data.fingerprint() != a.data.fingerprint()
+
+
+def test_configuration_reference_is_in_sync() -> None:
+    from pathlib import Path
+
+    from clips4.config import reference_markdown
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    assert doc.read_text() == reference_markdown(), "regenerate: clips4 config reference > docs/configuration.md"
+    assert "`train.lr`" in doc.read_text() and "`data.synthetic.seed`" in doc.read_text()

@@ -1,0 +1,21 @@
+"""Square resizing shared by every stage that feeds images to a network, so features, regions and training views
+all see the same pixels. Predictions are mapped back to each image's own size at evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H,W,3] -> uint8 [size,size,3] (bicubic; aspect ratio is not kept, evaluation resizes back)."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
+
+def resize_labels(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of an integer label map to (height, width)."""
+    if label.shape[:2] == tuple(size):
+        return label
+    return np.asarray(Image.fromarray(label).resize((size[1], size[0]), Image.NEAREST))

@@ -1,0 +1,72 @@
+"""The data stage: index and validate a dataset, then store resized training images and their superpixel regions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+
+from clips4.config import PipelineConfig
+from clips4.data.datasets import get_dataset
+from clips4.data.io import read_image
+from clips4.data.prepare import resize_square
+from clips4.data.records import Record
+from clips4.data.regions import compute_regions
+from clips4.data.validate import validate_records
+from clips4.progress import track
+from storage import ArtifactFiles, Store
+from tasks.common import StageResult, run_stage
+from tasks.readers import CLASSES, RECORDS, REPORT, TRAIN_IMAGES, TRAIN_REGIONS, WORLD, classes_to_json
+
+
+def _relative(path: str | None, base: Path) -> str | None:
+    """Generated files are stored relative to the artifact, which moves when it is published."""
+    if path is None:
+        return None
+    p = Path(path)
+    return str(p.relative_to(base)) if p.is_relative_to(base) else str(p)
+
+
+def build_data(cfg: PipelineConfig, files: ArtifactFiles) -> dict:
+    data = cfg.data
+    world = files.file(WORLD) if data.dataset == "synthetic" else None
+    if world is not None:
+        world.mkdir(parents=True, exist_ok=True)
+    dataset = get_dataset(data, world)
+    records: list[Record] = [r for split in data.splits for r in dataset.records(split)]
+    if not records:
+        raise ValueError(f"dataset {data.dataset} at {data.root} has no images in splits {data.splits}")
+    report = validate_records(records, dataset, data.on_bad_input, num_workers=data.num_workers)
+    base = files.dir.resolve()
+    table = pd.DataFrame(
+        {
+            "image_id": [r.image_id for r in report.good],
+            "split": [r.split for r in report.good],
+            "image_path": [_relative(r.image_path, base) for r in report.good],
+            "label_path": [_relative(r.label_path, base) for r in report.good],
+            "caption": [r.caption for r in report.good],
+            "has_label": [r.label_path is not None for r in report.good],
+        }
+    )
+    files.write_table(RECORDS, table, also=("csv",))
+    files.write_json(CLASSES, classes_to_json(dataset.classes, data.dataset))
+    files.write_json(REPORT, {"policy": data.on_bad_input, "bad": [p.__dict__ for p in report.problems]})
+
+    train = [r for r in report.good if r.split == "train"]
+    size = data.train_resolution
+    if train:
+        images = files.create_array(TRAIN_IMAGES, (len(train), size, size, 3), (1, size, size, 3), "uint8")
+        regions = files.create_array(TRAIN_REGIONS, (len(train), size, size), (1, size, size), "int32")
+        for i, r in enumerate(track(train, "superpixel regions", unit="img")):
+            image = resize_square(read_image(r.image_path), size)
+            images[i] = image
+            regions[i] = compute_regions(image, data.regions)
+    counts = table.groupby("split").size().to_dict()
+    return {"images": {k: int(v) for k, v in counts.items()}, "bad_inputs": len(report.problems), "classes": dataset.classes.num_classes}
+
+
+@task(name="data-stage")
+def data_task(cfg: PipelineConfig, store_root: str, upstream: dict[str, str], force: bool = False) -> StageResult:
+    """Build (or reuse) the dataset artifact."""
+    return run_stage(Store(store_root), cfg, "data", upstream, lambda files: build_data(cfg, files), force)

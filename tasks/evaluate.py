@@ -1,0 +1,204 @@
+"""The evaluate stage: MaskCLIP (the teacher, zero-shot) and CLIP-S4 (the student) in one harness and one table.
+
+Tasks: ``language`` (known + held-out class names; held-out names are only appended here, at test time),
+``unsupervised`` (k-means + Hungarian) and ``probe`` (linear 1x1 probe trained on the train split's labels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+import shutil
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import torch
+from prefect import task
+
+from clips4.config import PipelineConfig
+from clips4.data.io import read_image
+from clips4.data.prepare import resize_square
+from clips4.data.records import Record
+from clips4.device import resolve_device
+from clips4.evaluation import (
+    cosine_logits,
+    resize_labels,
+    score_classifier,
+    train_linear_probe,
+    unsupervised_segmentation,
+    upsample_argmax,
+)
+from clips4.maskclip import maskclip_logits
+from clips4.progress import track
+from clips4.training import embed_images
+from clips4.visualize import embedding_comparison, overlay_grid
+from storage import ArtifactFiles, Store
+from tasks.common import StageResult, run_stage
+from tasks.readers import DataArtifact, FeaturesArtifact, TrainArtifact
+from tasks.report import publish_metrics
+
+Embedder = Callable[[list[int]], torch.Tensor]
+CACHE = "cache"  # student embeddings of the evaluated splits, removed once the tables are written
+
+
+@dataclass
+class SplitBatches:
+    """Re-iterable (embeddings [B,D,h,w], labels [B,H,W]) pairs, one image at a time (label sizes may differ).
+
+    Embeddings come from ``embed`` on demand, so memory holds one image, whatever the split's size."""
+
+    records: list[Record]
+    embed: Embedder
+    read_label: Callable[[str], np.ndarray]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i, r in enumerate(self.records):
+            yield self.embed([i]), torch.from_numpy(self.read_label(r.label_path).astype(np.int64))[None]
+
+
+def array_embedder(features) -> Embedder:
+    """Embeddings [B,D,h,w] read from a stored [N,h,w,D] array (teacher features or cached student embeddings)."""
+    return lambda idx: torch.from_numpy(np.asarray(features[idx[0] : idx[-1] + 1])).permute(0, 3, 1, 2).float()
+
+
+def cache_student_embeddings(files: ArtifactFiles, name: str, model, info: dict, records: list[Record], batch_size: int, device):
+    """Embed a split once, in batches, into a float16 Zarr array of the staging folder (memory stays one batch)."""
+    size = info["input_size"]
+    probe = embed_images(model, np.zeros((1, size, size, 3), np.uint8), info["mean"], info["std"], device)
+    _, dim, h, w = probe.shape
+    out = files.create_array(f"{CACHE}/{name}.zarr", (len(records), h, w, dim), (1, h, w, dim), "float16")
+    for start in track(range(0, len(records), batch_size), f"embedding {name}", unit="batch"):
+        batch = records[start : start + batch_size]
+        images = np.stack([resize_square(read_image(r.image_path), size) for r in batch])
+        emb = embed_images(model, images, info["mean"], info["std"], device, batch_size)
+        out[start : start + len(batch)] = emb.permute(0, 2, 3, 1).numpy().astype(np.float16)
+    return out
+
+
+def _rows(method: str, task_name: str, scores: dict) -> list[dict]:
+    return [
+        {"method": method, "task": task_name, "metric": m, "value": float(scores[m])}
+        for m in ("mIoU", "mIoU_known", "mIoU_unknown", "hIoU", "pAcc")
+        if m in scores and not (task_name != "language" and m not in ("mIoU", "pAcc"))
+    ]
+
+
+def _per_class(method: str, task_name: str, scores: dict, names: list[str], held_out: list[bool]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"method": method, "task": task_name, "class": names, "held_out": held_out, "iou": scores["per_class_iou"]}
+    )
+
+
+def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], files: ArtifactFiles) -> dict:
+    e = cfg.evaluate
+    device = resolve_device(e.device)
+    data = DataArtifact.open(store, upstream["data"])
+    feats = FeaturesArtifact.open(store, upstream["features"])
+    classes = data.classes
+    if not classes.num_classes:
+        raise ValueError(f"dataset {cfg.data.dataset} has no classes or labels; evaluation needs a labelled split")
+    records = data.records(e.split)
+    if not records or any(r.label_path is None for r in records):
+        raise ValueError(f"split {e.split!r} has no labelled images; set evaluate.split to a labelled split")
+    text = feats.text().to(device)
+    held = classes.held_out_ids
+    teacher_feats, teacher_keys = feats.features(e.split), feats.keys(e.split)
+    shutil.rmtree(files.file(CACHE), ignore_errors=True)  # never trust a cache a killed run left behind
+    embedders: dict[str, Embedder] = {"maskclip": array_embedder(teacher_feats)}
+    train_embedders: dict[str, Embedder] = {"maskclip": array_embedder(feats.features("train"))} if "train" in data.splits else {}
+    if "train" in upstream:
+        model, info = TrainArtifact.open(store, upstream["train"]).student(device)
+        embedders["clips4"] = array_embedder(cache_student_embeddings(files, e.split, model, info, records, e.batch_size, device))
+        if train_embedders and "probe" in e.tasks:
+            cached = cache_student_embeddings(files, "train", model, info, data.records("train"), e.batch_size, device)
+            train_embedders["clips4"] = array_embedder(cached)
+
+    rows: list[dict] = []
+    per_class: list[pd.DataFrame] = []
+
+    def record(method: str, task_name: str, scores: dict) -> None:
+        rows.extend(_rows(method, task_name, scores))
+        per_class.append(_per_class(method, task_name, scores, classes.names, classes.held_out))
+
+    language = partial(cosine_logits, weights=text)
+    for method, embed in embedders.items():
+        batches = SplitBatches(records, embed, data.label_reader(cfg.data))
+        if "language" in e.tasks:
+            record(method, "language", score_classifier(batches, language, classes.num_classes, device, held)[0])
+        if "unsupervised" in e.tasks:
+            record(method, "unsupervised", unsupervised_segmentation(batches, classes.num_classes, device, e.seed).scores)
+        if "probe" in e.tasks and method in train_embedders:
+            record(method, "probe", _probe_scores(cfg, data, train_embedders[method], batches, device))
+    if "language" in e.tasks and teacher_keys is not None:
+        kspd = _maskclip_kspd(teacher_feats, teacher_keys, text)
+        batches = SplitBatches(records, kspd, data.label_reader(cfg.data))
+        record("maskclip+kspd", "language", score_classifier(batches, lambda s: s, classes.num_classes, device, held)[0])
+
+    metrics = pd.DataFrame(rows, columns=["method", "task", "metric", "value"])
+    files.write_table("metrics", metrics, also=("csv", "md"))
+    files.write_table("per_class", pd.concat(per_class, ignore_index=True), also=("csv",))
+    _pictures(cfg, files, data, records, embedders, text)
+    shutil.rmtree(files.file(CACHE), ignore_errors=True)
+    publish_metrics(cfg, metrics)
+    return {
+        f"{r['method']}/{r['task']}/{r['metric']}": round(r["value"], 4)
+        for r in rows
+        if r["metric"] in ("mIoU", "mIoU_known", "mIoU_unknown")
+    }
+
+
+def _maskclip_kspd(features, keys, text: torch.Tensor) -> Embedder:
+    """MaskCLIP with key smoothing and prompt denoising: yields class scores instead of embeddings."""
+
+    def scores(idx: list[int]) -> torch.Tensor:
+        f = torch.from_numpy(np.asarray(features[idx[0] : idx[-1] + 1])).float()
+        k = torch.from_numpy(np.asarray(keys[idx[0] : idx[-1] + 1])).float()
+        return maskclip_logits(f, text.cpu(), keys=k, key_smoothing=True, prompt_denoise=True)
+
+    return scores
+
+
+def _probe_scores(cfg: PipelineConfig, data: DataArtifact, embed: Embedder, val_batches, device) -> dict:
+    """Linear probe on the train split's frozen embeddings (labels at feature resolution), scored on ``split``."""
+    e = cfg.evaluate
+    reader = data.label_reader(cfg.data)
+    emb, labels = [], []
+    for i, r in enumerate(data.records("train")):
+        x = embed([i]).half()
+        emb.append(x)
+        labels.append(resize_labels(torch.from_numpy(reader(r.label_path).astype(np.int64))[None], x.shape[-2:]))
+    probe = train_linear_probe(torch.cat(emb), torch.cat(labels), data.classes.num_classes, e.probe_epochs, e.probe_lr, e.seed, device)
+    with torch.no_grad():
+        return score_classifier(val_batches, probe, data.classes.num_classes, device)[0]
+
+
+def _pictures(cfg, files: ArtifactFiles, data: DataArtifact, records, embedders: dict[str, Embedder], text) -> None:
+    n = min(cfg.evaluate.num_pictures, len(records))
+    if n == 0:
+        return
+    reader = data.label_reader(cfg.data)
+    images = [read_image(r.image_path) for r in records[:n]]
+    labels = [reader(r.label_path) for r in records[:n]]
+    preds = {}
+    for method, embed in embedders.items():
+        preds[method] = [
+            upsample_argmax(cosine_logits(embed([i]).to(text.device), text), labels[i].shape)[0].cpu().numpy()
+            for i in range(n)
+        ]
+    overlay_grid(images, labels, preds, data.classes.names, data.classes.palette, files.file("overlays.png"))
+    if "clips4" in embedders:
+        shown = range(min(n, 3))
+        embedding_comparison(
+            images[: len(shown)],
+            [embedders["clips4"]([i])[0] for i in shown],
+            [embedders["maskclip"]([i])[0] for i in shown],
+            files.file("embeddings.png"),
+        )
+
+
+@task(name="evaluate-stage")
+def evaluate_task(cfg: PipelineConfig, store_root: str, upstream: dict[str, str], force: bool = False) -> StageResult:
+    """Build (or reuse) the evaluation artifact: metric tables and pictures."""
+    store = Store(store_root)
+    return run_stage(store, cfg, "evaluate", upstream, lambda files: build_evaluate(cfg, store, upstream, files), force)

@@ -1,0 +1,176 @@
+"""Typed views of stored artifacts, so every stage reads another stage's output one way.
+
+Each stage module writes its artifact's files; the names it uses are the constants here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from clips4.config import DataConfig
+from clips4.data.records import ClassInfo, Record
+from storage import ArtifactFiles, Store
+
+RECORDS = "records"
+CLASSES = "classes.json"
+REPORT = "report.json"
+TRAIN_IMAGES = "train_images.zarr"
+TRAIN_REGIONS = "train_regions.zarr"
+WORLD = "world"
+
+def classes_to_json(classes: ClassInfo, dataset: str) -> dict:
+    return {
+        "dataset": dataset,
+        "synonyms": classes.synonyms,
+        "held_out": classes.held_out,
+        "palette": np.asarray(classes.palette).tolist(),
+        "ignore_index": classes.ignore_index,
+    }
+
+
+def classes_from_json(m: dict) -> ClassInfo:
+    return ClassInfo(m["synonyms"], m["held_out"], np.asarray(m["palette"], np.uint8), m["ignore_index"])
+
+
+@dataclass
+class DataArtifact:
+    """The data stage's output: records of every split, class metadata, resized training images and regions."""
+
+    files: ArtifactFiles
+
+    @classmethod
+    def open(cls, store: Store, key: str) -> DataArtifact:
+        return cls(store.open(key))
+
+    @cached_property
+    def table(self) -> pd.DataFrame:
+        return self.files.read_table(RECORDS)
+
+    @cached_property
+    def meta(self) -> dict:
+        return self.files.read_json(CLASSES)
+
+    @cached_property
+    def classes(self) -> ClassInfo:
+        return classes_from_json(self.meta)
+
+    def _abs(self, path: str | None) -> str | None:
+        """Files the stage generated (the synthetic world) are stored relative to the artifact."""
+        if path is None or (isinstance(path, float) and np.isnan(path)):
+            return None
+        return path if Path(path).is_absolute() else str(self.files.dir / path)
+
+    def records(self, split: str) -> list[Record]:
+        rows = self.table[self.table["split"] == split]
+        return [
+            Record(r.image_id, r.split, self._abs(r.image_path), self._abs(r.label_path), r.caption)
+            for r in rows.itertuples()
+        ]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(dict.fromkeys(self.table["split"]))
+
+    def label_reader(self, data_cfg: DataConfig) -> Callable[[str], np.ndarray]:
+        """The dataset adapter's label decoding (raw files -> train ids, 255 ignore)."""
+        from clips4.data.datasets import get_dataset
+
+        root = self.files.dir / WORLD if data_cfg.dataset == "synthetic" else None
+        return get_dataset(data_cfg, root).read_label
+
+    def train_images(self):
+        return self.files.open_array(TRAIN_IMAGES)
+
+    def train_regions(self):
+        return self.files.open_array(TRAIN_REGIONS)
+
+MODEL_DIR = "model"
+TEACHER_INFO = "teacher.json"
+PROTOTYPES = "prototypes.safetensors"
+STUDENT = "student.safetensors"
+STUDENT_INFO = "student.json"
+
+
+def load_teacher(files: ArtifactFiles, device: torch.device):
+    """The teacher an artifact describes, loaded through open_clip like any user checkpoint."""
+    from clips4.teacher import create_teacher, load_saved_teacher
+
+    if files.has(f"{MODEL_DIR}/open_clip_config.json"):
+        return load_saved_teacher(files.file(MODEL_DIR), device)
+    info = files.read_json(TEACHER_INFO)
+    return create_teacher(info["model"], info["pretrained"], device)
+
+
+@dataclass
+class FeaturesArtifact:
+    """Dense teacher features per split (``<split>/features.zarr`` [N,h,w,D], one chunk per image, one shard per
+    unit of work), the last block's keys, and the text embeddings of the dataset's classes."""
+
+    files: ArtifactFiles
+
+    @classmethod
+    def open(cls, store: Store, key: str) -> FeaturesArtifact:
+        return cls(store.open(key))
+
+    def create(self, split: str, n: int, side: int, dim: int, key_dim: int | None, dtype: str, shard: int) -> None:
+        shard = max(1, min(shard, n))
+        self.files.create_array(f"{split}/features.zarr", (n, side, side, dim), (1, side, side, dim), dtype, (shard, side, side, dim))
+        if key_dim:
+            self.files.create_array(f"{split}/keys.zarr", (n, side, side, key_dim), (1, side, side, key_dim), dtype, (shard, side, side, key_dim))
+
+    def features(self, split: str, mode: str = "r"):
+        return self.files.open_array(f"{split}/features.zarr", mode)
+
+    def keys(self, split: str, mode: str = "r"):
+        return self.files.open_array(f"{split}/keys.zarr", mode) if self.files.has(f"{split}/keys.zarr") else None
+
+    def _marker(self, split: str, shard: int) -> str:
+        return f".done/{split}-{shard:06d}"
+
+    def shard_done(self, split: str, shard: int) -> bool:
+        return self.files.has(self._marker(split, shard))
+
+    def mark_done(self, split: str, shard: int) -> None:
+        self.files.write_json(self._marker(split, shard), {"split": split, "shard": shard})
+
+    def clear_markers(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.files.dir / ".done", ignore_errors=True)
+
+    @cached_property
+    def classes(self) -> ClassInfo:
+        return classes_from_json(self.files.read_json(CLASSES))
+
+    def teacher_info(self) -> dict:
+        """model, embed_dim, image_size, mean, std of the teacher that made these features."""
+        return self.files.read_json(TEACHER_INFO)
+
+    def text(self) -> torch.Tensor | None:
+        return self.files.load_tensors("text.safetensors")["text"] if self.files.has("text.safetensors") else None
+
+
+@dataclass
+class TrainArtifact:
+    """The trained student (safetensors + how to rebuild it) and the final prototypes."""
+
+    files: ArtifactFiles
+
+    @classmethod
+    def open(cls, store: Store, key: str) -> TrainArtifact:
+        return cls(store.open(key))
+
+    @cached_property
+    def info(self) -> dict:
+        return self.files.read_json(STUDENT_INFO)
+
+    def student(self, device: torch.device) -> tuple[torch.nn.Module, dict]:
+        from clips4.training import load_student
+
+        return load_student(self.files.file(STUDENT), device), self.info

@@ -1,0 +1,58 @@
+"""The train stage: CLIP-S4 student training on stored images, regions, CLIP maps and prototypes (resumable)."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+
+from prefect import task
+
+from clips4.config import PipelineConfig
+from clips4.device import resolve_device
+from clips4.training import WEIGHTS_FILE, TrainData, train_student
+from clips4.visualize import plot_curves
+from storage import ArtifactFiles, Store
+from tasks.common import StageResult, run_stage
+from tasks.readers import PROTOTYPES, STUDENT, STUDENT_INFO, DataArtifact, FeaturesArtifact
+
+
+def build_train(cfg: PipelineConfig, store: Store, upstream: dict[str, str], files: ArtifactFiles) -> dict:
+    t = cfg.train
+    data = DataArtifact.open(store, upstream["data"])
+    feats = FeaturesArtifact.open(store, upstream["features"])
+    protos = store.open(upstream["cluster"]).load_tensors(PROTOTYPES)
+    teacher = feats.teacher_info()
+    train_data = TrainData(
+        images=data.train_images(),
+        clip_maps=feats.features("train"),
+        regions=data.train_regions(),
+        known_text=protos["known"],  # held-out classes were never in here (cluster stage)
+        prototypes=protos["unknown"],
+    )
+    workdir = files.file("checkpoints")
+    result = train_student(train_data, t, (teacher["mean"], teacher["std"]), workdir, resolve_device(t.device))
+    shutil.copyfile(workdir / WEIGHTS_FILE, files.file(STUDENT))  # final weights, architecture in the metadata
+    files.save_tensors(PROTOTYPES, {"known": protos["known"], "unknown": torch.as_tensor(result.prototypes).float()})
+    files.write_json(
+        STUDENT_INFO,
+        {
+            "student": t.student,
+            "input_size": t.input_size,
+            "mean": teacher["mean"],
+            "std": teacher["std"],
+            "steps": result.steps_done,
+        },
+    )
+    files.write_table("losses", result.losses, also=("csv",))
+    plot_curves(result.losses, files.file("losses.png"))
+    shutil.rmtree(workdir, ignore_errors=True)
+    last = result.losses[result.losses["step"] == result.losses["step"].max()]
+    return {"steps": result.steps_done, **{f"loss_{r.component}": round(float(r.value), 4) for r in last.itertuples()}}
+
+
+@task(name="train-stage")
+def train_task(cfg: PipelineConfig, store_root: str, upstream: dict[str, str], force: bool = False) -> StageResult:
+    """Build (or reuse) the trained student; a killed run resumes from its last checkpoint in staging."""
+    store = Store(store_root)
+    return run_stage(store, cfg, "train", upstream, lambda files: build_train(cfg, store, upstream, files), force)
