@@ -62,6 +62,17 @@ def _colour(label: np.ndarray, palette: np.ndarray, ignore_index: int) -> tuple[
     return palette[np.where(valid, label, 0)], valid
 
 
+def blend_labels(
+    image: np.ndarray, label: np.ndarray, palette: np.ndarray, ignore_index: int = IGNORE_INDEX, alpha: float = 0.6
+) -> np.ndarray:
+    """uint8 [H,W,3]: class colours of ``label`` blended over ``image``; ignored pixels show the bare image."""
+    label = _numpy(label).astype(np.int64)
+    if label.shape != image.shape[:2]:
+        raise ValueError(f"map of shape {label.shape} for an image of shape {image.shape[:2]}")
+    colour, valid = _colour(label, np.asarray(palette, dtype=np.float64), ignore_index)
+    return np.where(valid[..., None], (1 - alpha) * image + alpha * colour, image).astype(np.uint8)
+
+
 def overlay_grid(
     images: Sequence[np.ndarray],
     labels: Sequence[np.ndarray],
@@ -89,12 +100,8 @@ def overlay_grid(
         axes[row, 0].imshow(image)
         for col, label in enumerate(maps, start=1):
             label = _numpy(label).astype(np.int64)
-            if label.shape != image.shape[:2]:
-                raise ValueError(f"row {row}: map of shape {label.shape} for an image of shape {image.shape[:2]}")
-            colour, valid = _colour(label, palette, ignore_index)
-            present.update(np.unique(label[valid]).tolist())
-            blended = np.where(valid[..., None], (1 - alpha) * image + alpha * colour, image)
-            axes[row, col].imshow(blended.astype(np.uint8))
+            present.update(np.unique(label[label != ignore_index]).tolist())
+            axes[row, col].imshow(blend_labels(image, label, palette, ignore_index, alpha))
     for col, title in enumerate(columns):
         axes[0, col].set_title(title, fontsize=9)
     for ax in axes.flat:

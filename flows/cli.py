@@ -151,8 +151,48 @@ def run(
 
     try:
         run_pipeline(preset, str(config) if config else None, set_, chosen, force, store, console)
-    except (PipelineError, StoreError, ConfigError) as e:
+    except (PipelineError, StoreError, ConfigError, ValueError, OSError) as e:
         fail(str(e), code=1)
+
+
+@app.command("segment")
+def segment(
+    images: Annotated[list[Path], typer.Argument(help="Image files to segment.")],
+    classes: Annotated[str, typer.Option(help="Class names, comma-separated; 'a | b' gives synonyms of one class.")],
+    checkpoint: Annotated[Optional[str], typer.Option(help="Train artifact key or folder (default: newest).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("masks"),
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    store: StoreOpt = None,
+) -> None:
+    """Label maps (palette PNG and raw ids) and overlays for your own images, with any class names."""
+    from tasks.segment import segment_files
+
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        fail(f"no such image file(s): {', '.join(missing)}")
+    try:
+        written = segment_files(open_store(store), images, classes, out, checkpoint, device)
+    except (StoreError, ValueError) as e:
+        fail(str(e), code=1)
+    console.print(f"wrote masks and overlays of {len(written)} image(s) to {out}")
+
+
+@app.command("export-masks")
+def export_masks(
+    split: Annotated[str, typer.Option(help="Dataset split to export.")] = "val",
+    checkpoint: Annotated[Optional[str], typer.Option(help="Train artifact key or folder (default: newest).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("masks"),
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    store: StoreOpt = None,
+) -> None:
+    """Masks of a whole dataset split, with the dataset's class names (held-out classes included)."""
+    from tasks.segment import export_split
+
+    try:
+        count = export_split(open_store(store), split, out, checkpoint, device)
+    except (StoreError, ValueError) as e:
+        fail(str(e), code=1)
+    console.print(f"wrote masks of {count} image(s) of split {split} to {out}")
 
 
 @app.command("serve")

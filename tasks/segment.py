@@ -1,0 +1,87 @@
+"""Masks for people's own images and for whole dataset splits, from a trained student in the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from clips4.data.datasets import distinct_palette
+from clips4.data.io import read_image, write_png
+from clips4.device import resolve_device
+from clips4.inference import Segmenter, parse_class_names
+from clips4.progress import track
+from clips4.visualize import blend_labels
+from storage import Store, StoreError
+from tasks.readers import DataArtifact, TrainArtifact, load_teacher
+
+
+def resolve_train_key(store: Store, checkpoint: str | None) -> str:
+    """A train artifact key, a path to a train artifact folder, or None for the newest train artifact."""
+    if checkpoint is None:
+        trained = store.list("train")
+        if not trained:
+            raise StoreError(f"no trained student in {store.root}; run `clips4 run --preset demo` first or pass --checkpoint")
+        return trained[-1].key
+    path = Path(checkpoint)
+    if path.is_dir():
+        return path.resolve().name
+    return checkpoint
+
+
+def load_segmenter(store: Store, checkpoint: str | None, device: str = "auto") -> tuple[Segmenter, str]:
+    key = resolve_train_key(store, checkpoint)
+    dev = resolve_device(device)
+    model, info = TrainArtifact.open(store, key).student(dev)
+    teacher_key = next((m.key for m in store.lineage(key) if m.kind == "teacher"), None)
+    if teacher_key is None:
+        raise StoreError(f"the teacher that {key} was trained against is not in {store.root}; its text tower names classes")
+    teacher = load_teacher(store.open(teacher_key), dev)
+    return Segmenter(model, teacher, info["input_size"], info["mean"], info["std"], dev), key
+
+
+def write_masks(out: Path, stem: str, image: np.ndarray, label: np.ndarray, palette: np.ndarray) -> None:
+    """``<stem>_mask.png`` (palette PNG), ``<stem>_labels.png`` (raw class ids) and ``<stem>_overlay.png``."""
+    ids = label.astype(np.uint8)
+    write_png(out / f"{stem}_mask.png", ids, palette=palette)
+    write_png(out / f"{stem}_labels.png", ids)
+    write_png(out / f"{stem}_overlay.png", blend_labels(image, label, palette))
+
+
+def segment_files(
+    store: Store, images: list[Path], classes: str, out: Path, checkpoint: str | None = None, device: str = "auto", batch_size: int = 8
+) -> list[Path]:
+    """Segment the user's images into the named classes; returns the written mask files."""
+    names = parse_class_names(classes)
+    segmenter, _ = load_segmenter(store, checkpoint, device)
+    text = segmenter.class_embeddings(names)
+    palette = distinct_palette(len(names))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "classes.txt").write_text("".join(f"{i}\t{' | '.join(n)}\n" for i, n in enumerate(names)))
+    written = []
+    for start in track(range(0, len(images), batch_size), "segmenting", unit="batch"):
+        paths = images[start : start + batch_size]
+        pixels = [read_image(p) for p in paths]
+        for path, image, label in zip(paths, pixels, segmenter(pixels, text, batch_size)):
+            write_masks(out, path.stem, image, label, palette)
+            written.append(out / f"{path.stem}_mask.png")
+    return written
+
+
+def export_split(store: Store, split: str, out: Path, checkpoint: str | None = None, device: str = "auto", batch_size: int = 8) -> int:
+    """Masks of every image of a dataset split, with the dataset's class names (held-out ones included)."""
+    segmenter, key = load_segmenter(store, checkpoint, device)
+    data_key = next(m.key for m in store.lineage(key) if m.kind == "data")
+    data = DataArtifact.open(store, data_key)
+    records = data.records(split)
+    if not records:
+        raise StoreError(f"split {split!r} is not in data artifact {data_key}; splits: {', '.join(data.splits)}")
+    classes = data.classes
+    text = segmenter.class_embeddings(classes.synonyms)
+    out.mkdir(parents=True, exist_ok=True)
+    for start in track(range(0, len(records), batch_size), f"exporting {split}", unit="batch"):
+        batch = records[start : start + batch_size]
+        pixels = [read_image(r.image_path) for r in batch]
+        for r, image, label in zip(batch, pixels, segmenter(pixels, text, batch_size)):
+            write_masks(out, r.image_id, image, label, classes.palette)
+    return len(records)

@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny synthetic world configuration and a Prefect test harness for flow tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Runs of the pipeline in these tests are small; keep torch from oversubscribing the 2 cores with Prefect's threads.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+TINY = [
+    "data.synthetic.num_train=24",
+    "data.synthetic.num_val=8",
+    "data.synthetic.image_size=32",
+    "data.train_resolution=32",
+    "data.regions.n_segments=16",
+    "teacher.epochs=1",
+    "teacher.batch_size=8",
+    "features.resolution=32",
+    "features.shard_size=8",
+    "features.batch_size=4",
+    "cluster.num_unknown=2",
+    "cluster.sample_size=400",
+    "train.steps=3",
+    "train.batch_size=4",
+    "train.input_size=32",
+    "train.checkpoint_every=2",
+    "train.refresh_every=2",
+    "evaluate.probe_epochs=1",
+    "evaluate.num_pictures=2",
+]
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    """Overrides of the demo preset that make every stage take seconds."""
+    return list(TINY)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

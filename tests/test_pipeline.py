@@ -1,0 +1,79 @@
+"""End to end on a tiny synthetic world: every stage, reuse, and which stages a config change recomputes."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from clips4.config import STAGES, resolve_config
+from flows.pipeline import PipelineError, execute
+from storage import Store
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def run(tmp_path, tiny, prefect_harness):
+    def go(overrides=(), stages=STAGES, force=None):
+        cfg = resolve_config("demo", overrides=[*tiny, *overrides])
+        return {r.stage: r for r in execute(cfg, list(stages), force, str(tmp_path))}
+
+    return go
+
+
+def test_pipeline_end_to_end_reuse_and_invalidation(tmp_path, run) -> None:
+    store = Store(tmp_path)
+    first = run()
+    assert all(not r.reused for r in first.values())
+    assert {m.kind for m in store.list()} == set(STAGES)
+
+    # Stored features: [N, h, w, D] float16, one chunk per image.
+    from tasks.readers import FeaturesArtifact
+
+    feats = FeaturesArtifact.open(store, first["features"].key).features("train")
+    assert feats.dtype == "float16" and feats.shape[0] == 24 and feats.chunks[0] == 1
+
+    metrics = store.open(first["evaluate"].key).read_table("metrics")
+    assert {"maskclip", "maskclip+kspd", "clips4"} <= set(metrics["method"])
+    assert {"language", "unsupervised", "probe"} <= set(metrics["task"])
+    assert metrics["value"].notna().all()
+    assert store.open(first["evaluate"].key).has("overlays.png")
+
+    again = run()
+    assert all(r.reused for r in again.values())
+    assert {s: r.key for s, r in again.items()} == {s: r.key for s, r in first.items()}
+
+    lr = run(["train.lr=0.004"])
+    assert [s for s, r in lr.items() if not r.reused] == ["train", "evaluate"]
+
+    feat = run(["features.dtype=float32"])
+    assert [s for s, r in feat.items() if not r.reused] == ["features", "cluster", "train", "evaluate"]
+
+    forced = run(force="cluster")
+    assert [s for s, r in forced.items() if not r.reused] == ["cluster", "train", "evaluate"]
+
+
+def test_held_out_names_never_reach_training(tmp_path, run) -> None:
+    results = run(stages=["data", "teacher", "features", "cluster"])
+    store = Store(tmp_path)
+    known = store.open(results["cluster"].key).load_tensors("prototypes.safetensors")["known"]
+    text = store.open(results["features"].key).load_tensors("text.safetensors")["text"]
+    classes = store.open(results["features"].key).read_json("classes.json")
+    held = [i for i, h in enumerate(classes["held_out"]) if h]
+    assert held and len(known) == len(text) - len(held)
+    # Every training target is a known class's text embedding; no held-out embedding is among them.
+    for i in held:
+        assert not (known - text[i]).abs().sum(dim=1).lt(1e-6).any()
+    table = store.open(results["cluster"].key).read_table("prototypes")
+    assert not set(table["name"]) & {"star", "box"}
+
+
+def test_missing_upstream_is_refused(tmp_path, run) -> None:
+    with pytest.raises(PipelineError, match="add those stages"):
+        run(stages=["train"])
+
+
+def test_baseline_only_evaluation(tmp_path, run) -> None:
+    results = run(stages=["data", "teacher", "features", "evaluate"])
+    metrics: pd.DataFrame = Store(tmp_path).open(results["evaluate"].key).read_table("metrics")
+    assert set(metrics["method"]) == {"maskclip", "maskclip+kspd"}
