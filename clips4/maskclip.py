@@ -42,9 +42,10 @@ def _visual(model: nn.Module) -> nn.Module:
     """Accept a CLIP model or its image tower, and refuse towers whose dense path we do not know."""
     visual = getattr(model, "visual", model)
     if isinstance(visual, VisionTransformer):
-        if visual.attn_pool is not None or visual.pool_type != "tok":
+        if visual.attn_pool is not None or visual.pool_type not in ("tok", "avg") or visual.final_ln_after_pool:
             raise ValueError(
-                "MaskCLIP dense features need a class-token ViT; this open_clip VisionTransformer pools with "
+                "MaskCLIP dense features need a ViT pooled by its class token or by a token average (ln_post "
+                "before pooling); this open_clip VisionTransformer pools with "
                 f"{'an attentional pooler' if visual.attn_pool is not None else repr(visual.pool_type)}"
             )
         if visual.proj is None:
@@ -163,7 +164,9 @@ def cls_embedding(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if isinstance(visual, VisionTransformer):
         tokens, _, _ = _vit_trunk(visual, images)
         tokens = _run_blocks(visual.transformer, tokens, visual.transformer.resblocks[-1:])
-        return visual.ln_post(tokens[:, 0]) @ visual.proj
+        normed = visual.ln_post(tokens)  # open_clip normalises before pooling (final_ln_after_pool is refused)
+        pooled = normed[:, 0] if visual.pool_type == "tok" else normed[:, 1:].mean(dim=1)
+        return pooled @ visual.proj
     return visual.attnpool(_resnet_trunk(visual, images))
 
 

@@ -194,3 +194,19 @@ def test_extract_dense_batches_to_cpu_float16():
     torch.testing.assert_close(out.features.float(), reference.features, atol=2e-3, rtol=0)
     torch.testing.assert_close(out.keys.float(), reference.keys, atol=1e-2, rtol=1e-2)
     assert extract_dense(model, images[:1], 2, torch.device("cpu"), with_keys=False).keys is None
+
+
+def test_cls_parity_for_token_average_pooling() -> None:
+    """A ViT pooled by averaging tokens (as the synthetic teacher may be) keeps CLS-path parity and a dense path."""
+    import open_clip
+
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8, "pool_type": "avg"},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    model = open_clip.model.CLIP(**cfg).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(cls_embedding(model, images), model.encode_image(images), atol=1e-5, rtol=1e-5)
+        assert dense_features(model, images).features.shape == (2, 4, 4, 32)

@@ -1,0 +1,70 @@
+"""The features stage after a crash: finished shards are kept as they are, the rest is redone, and the result
+equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clips4.config import resolve_config
+from flows.pipeline import execute
+from tasks.readers import FeaturesArtifact
+from storage import Store
+
+pytestmark = pytest.mark.slow
+
+
+def _overrides(tiny: list[str]) -> list[str]:
+    return [*tiny, "features.shard_size=1", "features.batch_size=1"]
+
+
+def _shard_files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("c/*") if p.is_file()}
+
+
+def test_killed_features_stage_resumes_without_recomputing(tmp_path, tiny, prefect_harness) -> None:
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    cfg = resolve_config("demo", overrides=_overrides(tiny))
+    for root in (killed, clean):
+        execute(cfg, ["data", "teacher"], None, str(root))
+
+    args = [sys.executable, "-m", "flows.cli", "run", "--preset", "demo", "--stages", "features", "--store", str(killed)]
+    args += [a for o in _overrides(tiny) for a in ("--set", o)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen(args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    markers: list[Path] = []
+    while len(markers) < 3:
+        assert proc.poll() is None, f"the features run ended before it could be interrupted:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, "no shard finished in time"
+        markers = list((killed / ".staging").glob("features-*/.done/*"))
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    staging = markers[0].parent.parent
+    done = {m.name for m in staging.glob(".done/*")}
+    total = 24 + 8
+    assert 3 <= len(done) < total, "the kill should land mid-way"
+    before = _shard_files(staging)
+    assert not Store(killed).list("features")
+
+    (resumed,) = execute(cfg, ["features"], None, str(killed))
+    (reference,) = execute(cfg, ["features"], None, str(clean))
+    assert resumed.key == reference.key
+    final = Store(killed).path(resumed.key)
+    after = _shard_files(final)
+    kept = [name for name in before if name.startswith("train/") and f"train-{int(name.split('/c/')[1].split('/')[0]):06d}" in done]
+    assert kept and all(after[name] == before[name] for name in kept), "finished shards were recomputed"
+    a, b = FeaturesArtifact.open(Store(killed), resumed.key), FeaturesArtifact.open(Store(clean), reference.key)
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(np.asarray(a.features(split)[:]), np.asarray(b.features(split)[:]))
+        np.testing.assert_array_equal(np.asarray(a.keys(split)[:]), np.asarray(b.keys(split)[:]))
