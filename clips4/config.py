@@ -142,9 +142,15 @@ class TeacherConfig(Section):
     train: Literal["none", "synthetic"] = Field(
         "none", description="'synthetic': pre-train `model` here on the synthetic world's captions."
     )
-    epochs: int = Field(30, ge=1, description="Synthetic pre-training epochs.")
-    batch_size: int = Field(64, ge=2, description="Synthetic pre-training batch size (contrastive: it matters).")
-    lr: float = Field(1e-3, gt=0, description="Synthetic pre-training AdamW learning rate.")
+    num_images: int = Field(
+        4000, ge=2, description="Synthetic pre-training images, from the world's own 'teacher' split (val stays unseen)."
+    )
+    single_class_prob: float = Field(
+        0.25, ge=0, le=1, description="Chance a caption is swapped for a single-class one naming a class it mentions."
+    )
+    epochs: int = Field(4, ge=1, description="Synthetic pre-training epochs.")
+    batch_size: int = Field(32, ge=2, description="Synthetic pre-training batch size (contrastive: it matters).")
+    lr: float = Field(2e-3, gt=0, description="Synthetic pre-training AdamW learning rate.")
     weight_decay: float = Field(0.1, ge=0, description="Synthetic pre-training weight decay.")
     seed: int = Field(0, description="Synthetic pre-training seed.")
     checkpoint_every: int = volatile(1, "Epochs between resumable checkpoints.")

@@ -150,6 +150,8 @@ def create_teacher(model: str, pretrained: str | None, device: torch.device) -> 
     random weights) or an ``hf-hub:org/repo`` / ``local-dir:/path`` id (then ``pretrained`` is ignored).
     """
     register_model_configs()
+    if not model.startswith(SCHEMA_PREFIXES):
+        model = model.replace("/", "-")  # OpenAI spelling (ViT-B/16) of open_clip names (ViT-B-16)
     return _as_teacher(_create_open_clip(model, pretrained, device), model, device)
 
 
@@ -204,7 +206,8 @@ def load_saved_teacher(out_dir: Path, device: torch.device) -> Teacher:
             "run the teacher stage again"
         )
     model = _create_open_clip(name, str(out_dir / WEIGHTS_FILE), device)
-    open_clip.set_model_preprocess_cfg(model, {**open_clip.get_model_preprocess_cfg(model), **config["preprocess_cfg"]})
+    preprocess = {**open_clip.get_model_preprocess_cfg(model), **config["preprocess_cfg"]}
+    open_clip.set_model_preprocess_cfg(model, preprocess)
     return _as_teacher(model, name, device)
 
 
@@ -224,7 +227,7 @@ def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) 
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flips, quarter turns and mild brightness/contrast: nothing leaves the frame, no hue moves, so captions stay true."""
+    """Flips, quarter turns, mild brightness/contrast: nothing leaves the frame and no hue moves, so captions hold."""
     n = x.shape[0]
     draws = torch.rand(n, 4, generator=generator).to(x.device)
     turns = torch.stack([x.rot90(k, dims=(-2, -1)) for k in range(4)])

@@ -12,7 +12,9 @@ from prefect import task
 from clips4.config import PipelineConfig
 from clips4.data.io import read_image
 from clips4.data.prepare import resize_square
+from clips4.data.synthetic import SyntheticWorld
 from clips4.device import resolve_device
+from clips4.progress import track
 from clips4.teacher import create_teacher, pretrain_synthetic, register_model_configs, retrieval_top1, save_teacher
 from clips4.visualize import plot_curves
 from storage import ArtifactFiles, Store
@@ -33,9 +35,15 @@ def build_teacher(cfg: PipelineConfig, store: Store, upstream: dict[str, str], f
     info = {"model": t.model, "pretrained": t.pretrained, "source": t.train}
     summary: dict = {}
     if t.train == "synthetic":
+        if cfg.data.dataset != "synthetic":
+            raise ValueError("teacher.train=synthetic pre-trains on the synthetic world; set data.dataset=synthetic "
+                             "or give a CLIP teacher (teacher.model + teacher.pretrained)")
         data = DataArtifact.open(store, upstream["data"])
         probe = create_teacher(t.model, None, torch.device("cpu"))
-        train_images, train_captions = _split_arrays(data, "train", probe.image_size)
+        world = SyntheticWorld(cfg.data.synthetic)
+        samples = [world.sample("teacher", i) for i in track(range(t.num_images), "teacher images", unit="img")]
+        train_images = np.stack([resize_square(s.image, probe.image_size) for s in samples])
+        train_captions = [s.caption for s in samples]
         model, history = pretrain_synthetic(
             t.model,
             train_images,
@@ -48,6 +56,8 @@ def build_teacher(cfg: PipelineConfig, store: Store, upstream: dict[str, str], f
             device=device,
             workdir=files.file("checkpoints"),
             checkpoint_every=t.checkpoint_every,
+            class_names=world.class_names,
+            single_class_prob=t.single_class_prob,
         )
         save_teacher(model, t.model, files.file(MODEL_DIR))
         shutil.rmtree(files.file("checkpoints"), ignore_errors=True)

@@ -17,6 +17,7 @@ TINY = [
     "data.train_resolution=32",
     "data.regions.n_segments=16",
     "teacher.epochs=1",
+    "teacher.num_images=32",
     "teacher.batch_size=8",
     "features.resolution=32",
     "features.shard_size=8",

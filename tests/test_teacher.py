@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,7 +150,7 @@ def test_hf_hub_teacher_from_offline_cache(micro, tmp_path, monkeypatch):
     snapshot = repo / "snapshots" / revision
     snapshot.mkdir(parents=True)
     for name in ("open_clip_config.json", "open_clip_model.safetensors"):
-        os.link(tmp_path / "export" / name, snapshot / name)
+        shutil.copyfile(tmp_path / "export" / name, snapshot / name)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

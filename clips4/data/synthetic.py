@@ -2,8 +2,8 @@
 
 Everything is a pure function of :class:`~clips4.config.SyntheticConfig`. A class's look (hue, texture, shape) is
 derived from a stable hash of (name, class index, seed), never from a table of known names, so the world works for any
-class names; hues are spread evenly within stuff and within things, and each thing gets its own shape while there are
-shapes left, so classes stay separable while individual instances vary (``appearance_jitter``).
+class names. All classes share one evenly spaced hue ring, things are vivid and stuff muted, each thing gets its own
+shape and texture while there are some left, so classes stay separable while instances vary (``appearance_jitter``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from clips4.config import SyntheticConfig
-from clips4.data.records import Record
+from clips4.data.records import IGNORE_INDEX, Record
 from clips4.progress import track
 
 # Ordered from most to least distinct, so a world with few things gets the most separable ones.
@@ -213,6 +213,8 @@ class SyntheticWorld:
     """Deterministic generator of images, label maps and captions for one :class:`SyntheticConfig`."""
 
     def __init__(self, cfg: SyntheticConfig):
+        if len(cfg.stuff) + len(cfg.things) > IGNORE_INDEX:
+            raise ValueError(f"the synthetic world holds at most {IGNORE_INDEX} classes (8-bit labels, 255 = ignore)")
         self.cfg = cfg
         self.appearances = _make_appearances(cfg)
         size = cfg.image_size
