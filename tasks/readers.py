@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Self
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +40,18 @@ def classes_from_json(m: dict) -> ClassInfo:
 
 
 @dataclass
-class DataArtifact:
-    """The data stage's output: records of every split, class metadata, resized training images and regions."""
+class StoredArtifact:
+    """Typed read access to one complete artifact's files."""
 
     files: ArtifactFiles
 
     @classmethod
-    def open(cls, store: Store, key: str) -> DataArtifact:
+    def open(cls, store: Store, key: str) -> Self:
         return cls(store.open(key))
+
+
+class DataArtifact(StoredArtifact):
+    """The data stage's output: records of every split, class metadata, resized training images and regions."""
 
     @cached_property
     def table(self) -> pd.DataFrame:
@@ -107,16 +112,9 @@ def load_teacher(files: ArtifactFiles, device: torch.device):
     return create_teacher(info["model"], info["pretrained"], device)
 
 
-@dataclass
-class FeaturesArtifact:
+class FeaturesArtifact(StoredArtifact):
     """Dense teacher features per split (``<split>/features.zarr`` [N,h,w,D], one chunk per image, one shard per
     unit of work), the last block's keys, and the text embeddings of the dataset's classes."""
-
-    files: ArtifactFiles
-
-    @classmethod
-    def open(cls, store: Store, key: str) -> FeaturesArtifact:
-        return cls(store.open(key))
 
     def create(self, split: str, n: int, side: int, dim: int, key_dim: int | None, dtype: str, shard: int) -> None:
         shard = max(1, min(shard, n))
@@ -156,15 +154,8 @@ class FeaturesArtifact:
         return self.files.load_tensors("text.safetensors")["text"] if self.files.has("text.safetensors") else None
 
 
-@dataclass
-class TrainArtifact:
+class TrainArtifact(StoredArtifact):
     """The trained student (safetensors + how to rebuild it) and the final prototypes."""
-
-    files: ArtifactFiles
-
-    @classmethod
-    def open(cls, store: Store, key: str) -> TrainArtifact:
-        return cls(store.open(key))
 
     @cached_property
     def info(self) -> dict:

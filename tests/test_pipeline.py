@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -77,3 +78,40 @@ def test_baseline_only_evaluation(tmp_path, run) -> None:
     results = run(stages=["data", "teacher", "features", "evaluate"])
     metrics: pd.DataFrame = Store(tmp_path).open(results["evaluate"].key).read_table("metrics")
     assert set(metrics["method"]) == {"maskclip", "maskclip+kspd"}
+
+
+def test_segment_and_export_masks_on_unseen_images(tmp_path, run) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from clips4.config import SyntheticConfig
+    from clips4.data.synthetic import SyntheticWorld
+    from flows.cli import app
+
+    results = run(stages=["data", "teacher", "features", "cluster", "train"])
+    # Images from a world the student never saw (another seed), and class names given only now.
+    world = SyntheticWorld(SyntheticConfig(seed=123, image_size=48))
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"mine_{i}.png"
+        Image.fromarray(world.sample("val", i).image).save(path)
+        paths.append(str(path))
+    out = tmp_path / "masks"
+    cli = CliRunner()
+    result = cli.invoke(app, ["segment", *paths, "--classes", "grass, sand | beach, kite, star", "--out", str(out),
+                              "--store", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    for i in range(3):
+        mask = Image.open(out / f"mine_{i}_mask.png")
+        assert mask.mode == "P" and mask.size == (48, 48)
+        assert set(np.unique(np.array(Image.open(out / f"mine_{i}_labels.png")))) <= {0, 1, 2, 3}
+        assert (out / f"mine_{i}_overlay.png").is_file()
+    assert "sand | beach" in (out / "classes.txt").read_text()
+
+    exported = cli.invoke(app, ["export-masks", "--split", "val", "--checkpoint", results["train"].key,
+                                "--out", str(tmp_path / "val"), "--store", str(tmp_path)])
+    assert exported.exit_code == 0, exported.output
+    assert len(list((tmp_path / "val").glob("*_mask.png"))) == 8
+
+    missing = cli.invoke(app, ["segment", str(tmp_path / "nope.png"), "--classes", "a", "--store", str(tmp_path)])
+    assert missing.exit_code != 0 and "nope.png" in missing.output
