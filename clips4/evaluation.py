@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ from clips4.data.records import IGNORE_INDEX
 from clips4.maskclip import LOGIT_SCALE
 from clips4.metrics import ConfusionMatrix, hungarian_mapping, segmentation_scores
 from clips4.progress import track
+from clips4.prototypes import spherical_kmeans
 
 DROPPED_SCORE = -1e30
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -125,24 +125,6 @@ def sample_pixels(batches: Iterable[torch.Tensor], size: int, seed: int) -> torc
     return kept
 
 
-def spherical_kmeans(points: torch.Tensor, k: int, iterations: int, seed: int) -> torch.Tensor:
-    """Unit centroids [k,D] of unit ``points`` [N,D] by FAISS spherical k-means (cosine assignment)."""
-    if len(points) < k:
-        raise ValueError(f"k-means with {k} clusters needs at least {k} points, got {len(points)}")
-    data = np.ascontiguousarray(F.normalize(points.float(), dim=1).numpy())
-    kmeans = faiss.Kmeans(
-        data.shape[1],
-        k,
-        niter=iterations,
-        seed=seed,
-        spherical=True,
-        min_points_per_centroid=1,
-        max_points_per_centroid=len(data),
-    )
-    kmeans.train(data)
-    return torch.from_numpy(kmeans.centroids.copy())
-
-
 def unsupervised_segmentation(
     batches: Batches,
     num_classes: int,
@@ -159,7 +141,10 @@ def unsupervised_segmentation(
     """
     batches = _reiterable(batches)
     sample = sample_pixels((emb for emb, _ in batches), sample_size, seed)
-    centroids = spherical_kmeans(sample, num_classes, iterations, seed)
+    if len(sample) < num_classes:
+        raise ValueError(f"k-means with {num_classes} clusters needs at least {num_classes} pixels, got {len(sample)}")
+    unit = np.ascontiguousarray(F.normalize(sample.float(), dim=1).numpy())
+    centroids = torch.from_numpy(spherical_kmeans(unit, num_classes, iterations, seed, max(len(unit), 1)).centroids)
     classify = partial(cosine_logits, weights=centroids.to(device))
     _, matrix = score_classifier(batches, classify, num_classes, device, ignore_index=ignore_index)
     mapping = hungarian_mapping(matrix.T)
