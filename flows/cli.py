@@ -28,6 +28,9 @@ err = Console(stderr=True)
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Store root (default: $CLIPS4_STORE, else ~/.cache/clips4/store).")]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", help="A preset from configs/ (e.g. demo).")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="A YAML config file.")]
+CheckpointOpt = Annotated[Optional[str], typer.Option(help="Train artifact key or folder (default: newest).")]
+OutOpt = Annotated[Path, typer.Option(help="Output folder.")]
+DeviceOpt = Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. train.lr=0.02 (repeatable).")]
 
 
@@ -159,9 +162,9 @@ def run(
 def segment(
     images: Annotated[list[Path], typer.Argument(help="Image files to segment.")],
     classes: Annotated[str, typer.Option(help="Class names, comma-separated; 'a | b' gives synonyms of one class.")],
-    checkpoint: Annotated[Optional[str], typer.Option(help="Train artifact key or folder (default: newest).")] = None,
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("masks"),
-    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    checkpoint: CheckpointOpt = None,
+    out: OutOpt = Path("masks"),
+    device: DeviceOpt = "auto",
     store: StoreOpt = None,
 ) -> None:
     """Label maps (palette PNG and raw ids) and overlays for your own images, with any class names."""
@@ -180,9 +183,9 @@ def segment(
 @app.command("export-masks")
 def export_masks(
     split: Annotated[str, typer.Option(help="Dataset split to export.")] = "val",
-    checkpoint: Annotated[Optional[str], typer.Option(help="Train artifact key or folder (default: newest).")] = None,
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("masks"),
-    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    checkpoint: CheckpointOpt = None,
+    out: OutOpt = Path("masks"),
+    device: DeviceOpt = "auto",
     store: StoreOpt = None,
 ) -> None:
     """Masks of a whole dataset split, with the dataset's class names (held-out classes included)."""
