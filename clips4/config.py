@@ -187,6 +187,11 @@ class ClusterConfig(Section):
     max_points_per_centroid: int = Field(
         100_000, ge=1, description="FAISS subsampling cap; set high on purpose so the sample is used whole."
     )
+    close_modality_gap: bool = Field(
+        True,
+        description="Cluster (and label segments) with CLIP image features moved by mean(known text) - mean(image), "
+        "so text centres and prototypes compete on one scale.",
+    )
     seed: int = Field(0, description="Sampling and initialisation seed.")
     device: str = volatile("auto", "'auto' uses faiss-gpu when installed and a GPU is present.")
 

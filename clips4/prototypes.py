@@ -1,7 +1,11 @@
 """Unknown prototypes (METHOD.md §4): spherical k-means in which the K known-class text embeddings are fixed centres.
 
 The known classes are already named by their text embeddings, so those centres never move; the M free centres learn
-what the CLIP features hold that no known class explains. Assignment is a FAISS flat inner-product search (on the GPU
+what the CLIP features hold that no known class explains. CLIP's image and text embeddings sit in two separate cones
+(the "modality gap", Liang et al., NeurIPS 2022), so raw image features are nearly always nearer a free centre
+fitted to them than to any text: the text centres would get no points and the prototypes would not be comparable with the
+class texts. Clustering runs on image features moved across the gap (:func:`close_gap`), which puts free and fixed
+centres on one scale. Assignment is a FAISS flat inner-product search (on the GPU
 when faiss has GPU support), the update is the re-normalised mean, so 100k x 512 samples cluster in seconds.
 """
 
@@ -174,6 +178,19 @@ def update_free_centres(
         sums[empty] = x[np.argsort(sim, kind="stable")[: len(empty)]]
         logger.info("spherical k-means: re-seeded %d empty free centres at the farthest points", len(empty))
     return sums / np.linalg.norm(sums, axis=1, keepdims=True)
+
+
+def modality_gap(image_features: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """mean(text rows) - mean(image rows), float32 [D]: the offset from CLIP's image cone to its text cone."""
+    image_features, text = unit_rows(image_features, "image features"), unit_rows(text, "text embeddings")
+    if image_features.shape[1] != text.shape[1]:
+        raise ValueError(f"image features have dim {image_features.shape[1]} but text embeddings {text.shape[1]}")
+    return (text.mean(axis=0) - image_features.mean(axis=0)).astype(np.float32)
+
+
+def close_gap(x: np.ndarray, gap: np.ndarray) -> np.ndarray:
+    """Image embeddings [N, D] moved by ``gap`` and re-normalised, so that they compare with text embeddings."""
+    return unit_rows(unit_rows(x, "image features") + gap, "gap-corrected image features")
 
 
 def unknown_prototypes(

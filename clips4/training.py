@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -42,7 +43,7 @@ LOSSES_FILE = "losses.csv"
 COMPONENTS = ("contrast", "emb", "sem")  # loss log names of L_contrast, L_emb, L_sem
 POLY_POWER = 0.9
 SGD_MOMENTUM = 0.9
-BUFFER_SIZE = 20_000  # recent CLIP segment embeddings kept for the prototype refresh
+BUFFER_SIZE = 20_000  # recent (gap-corrected) CLIP segment embeddings kept for the prototype refresh
 REFRESH_ITERATIONS = 10  # k-means iterations per refresh; it starts from the current prototypes
 _BATCH_STREAM, _VIEW_STREAM = 0, 1  # seed-sequence tags, so batch order and augmentation never share a stream
 
@@ -59,13 +60,16 @@ class ArrayLike(Protocol):
 class TrainData:
     """Training inputs, image-aligned: ``images`` uint8 [N,H,W,3], ``clip_maps`` [N,h,w,D] (teacher dense features
     of the same un-augmented frame), ``regions`` int [N,H,W] superpixel ids; ``known_text`` [K,D] text embeddings of
-    the known classes only (held-out classes must never be here); ``prototypes`` [M,D] initial unknown prototypes."""
+    the known classes only (held-out classes must never be here); ``prototypes`` [M,D] initial unknown prototypes;
+    ``gap`` [D] the modality-gap offset the prototypes were clustered with (CLIP segment embeddings are moved by it
+    before they are labelled over known texts + prototypes; None = no correction)."""
 
     images: ArrayLike
     clip_maps: ArrayLike
     regions: ArrayLike
     known_text: np.ndarray
     prototypes: np.ndarray
+    gap: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if len(self.images.shape) != 4 or self.images.shape[3] != 3:
@@ -82,6 +86,9 @@ class TrainData:
             if value.ndim != 2 or value.shape[1] != dim:
                 raise ValueError(f"{name} must be [*, {dim}] (the CLIP feature dim), got {value.shape}")
             setattr(self, name, value)
+        self.gap = np.zeros(dim, np.float32) if self.gap is None else np.asarray(self.gap, dtype=np.float32)
+        if self.gap.shape != (dim,):
+            raise ValueError(f"gap must be [{dim}] (the CLIP feature dim), got {self.gap.shape}")
 
     @property
     def dim(self) -> int:
@@ -222,11 +229,13 @@ def step_losses(
     batch: Batch,
     cfg: TrainConfig,
     targets: torch.Tensor,
+    gap: torch.Tensor,
     mean_std: tuple[torch.Tensor, torch.Tensor],
     generator: torch.Generator,
     device: torch.device,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The switched-on loss components of one batch (two views per image) and the CLIP segment embeddings u."""
+    """The switched-on loss components of one batch (two views per image) and the CLIP segment embeddings u moved
+    across the modality gap (the space the targets live in, and the one the prototypes are refreshed in)."""
     weights = loss_weights(cfg)
     images = to_unit_images(batch.images, device)
     regions = torch.from_numpy(batch.regions.astype(np.int64)).to(device)
@@ -253,6 +262,7 @@ def step_losses(
     z_pix = z.permute(0, 2, 3, 1)[valid]
     v = segment_means(z_pix, seg, segments.num)
     u = segment_means(view_clip.permute(0, 2, 3, 1)[valid], seg, segments.num)
+    u_text_side = F.normalize(u + gap, dim=1)
 
     losses: dict[str, torch.Tensor] = {}
     if "contrast" in weights:
@@ -262,8 +272,8 @@ def step_losses(
     if "emb" in weights:
         losses["emb"] = embedding_consistency(v, u)
     if "sem" in weights:
-        losses["sem"] = semantic_consistency(v, u, targets, cfg.tau)
-    return losses, u
+        losses["sem"] = semantic_consistency(v, u_text_side, targets, cfg.tau)
+    return losses, u_text_side
 
 
 def train_step(
@@ -273,14 +283,15 @@ def train_step(
     batch: Batch,
     cfg: TrainConfig,
     targets: torch.Tensor,
+    gap: torch.Tensor,
     mean_std: tuple[torch.Tensor, torch.Tensor],
     generator: torch.Generator,
     device: torch.device,
     group: Distributed,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """One optimiser step; returns the loss values to log (components unweighted, total weighted; averaged over
-    DDP ranks) and the CLIP segment embeddings u of the batch."""
-    losses, u = step_losses(net, batch, cfg, targets, mean_std, generator, device)
+    DDP ranks) and the gap-corrected CLIP segment embeddings of the batch."""
+    losses, u = step_losses(net, batch, cfg, targets, gap, mean_std, generator, device)
     weights = loss_weights(cfg)
     total = sum(weights[name] * value for name, value in losses.items())
     if not torch.isfinite(total):
@@ -393,6 +404,7 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_decay(cfg.steps))
     known_text = torch.from_numpy(data.known_text).to(device)
     prototypes = torch.from_numpy(data.prototypes).to(device)
+    gap = torch.from_numpy(data.gap).to(device)
     buffer = EmbeddingBuffer(BUFFER_SIZE, data.dim)
     rows: list[dict[str, Any]] = []
     start = 0
@@ -425,7 +437,9 @@ def _train(
                 pending = reader.submit(read_batch, data, indices(step + 1))
             generator = torch.Generator().manual_seed(derive_seed(cfg.seed, _VIEW_STREAM, step, group.rank))
             targets = torch.cat([known_text, prototypes])
-            values, u = train_step(net, optimizer, scheduler, batch, cfg, targets, mean_std, generator, device, group)
+            values, u = train_step(
+                net, optimizer, scheduler, batch, cfg, targets, gap, mean_std, generator, device, group
+            )
             rows.extend({"step": step, "component": name, "value": value} for name, value in values.items())
             if refresh and is_main:
                 buffer.add(u)
@@ -526,7 +540,6 @@ def load_checkpoint(
     return step, state["prototypes"].to(device), rows
 
 
-@torch.no_grad()
 @torch.no_grad()
 def embed_images(
     model: nn.Module,

@@ -8,7 +8,7 @@ import torch
 from prefect import task
 
 from clips4.config import PipelineConfig
-from clips4.prototypes import unknown_prototypes
+from clips4.prototypes import close_gap, modality_gap, unknown_prototypes
 from clips4.visualize import prototype_map
 from storage import ArtifactFiles, Store
 from tasks.common import StageResult, run_stage
@@ -37,11 +37,18 @@ def build_cluster(cfg: PipelineConfig, store: Store, upstream: dict[str, str], f
     known_ids = classes.known_ids
     known = text[known_ids].numpy() if text is not None else np.zeros((0, feats.features("train").shape[-1]), np.float32)
     sample = sample_features(feats.features("train"), c.sample_size, c.seed)
+    gap = np.zeros(sample.shape[1], np.float32)
+    if c.close_modality_gap and len(known):
+        gap = modality_gap(sample, known)
+        sample = close_gap(sample, gap)
     use_gpu = None if c.device == "auto" else c.device.startswith("cuda")
     protos, known_sizes, unknown_sizes = unknown_prototypes(
         sample, known, c.num_unknown, c.iterations, c.seed, c.max_points_per_centroid, use_gpu=use_gpu
     )
-    files.save_tensors(PROTOTYPES, {"known": torch.from_numpy(known).float(), "unknown": torch.from_numpy(protos).float()})
+    files.save_tensors(
+        PROTOTYPES,
+        {"known": torch.from_numpy(known).float(), "unknown": torch.from_numpy(protos).float(), "gap": torch.from_numpy(gap)},
+    )
     names = [classes.names[i] for i in known_ids] + [f"unknown-{j}" for j in range(len(protos))]
     table = pd.DataFrame(
         {
@@ -53,7 +60,7 @@ def build_cluster(cfg: PipelineConfig, store: Store, upstream: dict[str, str], f
     )
     files.write_table("prototypes", table, also=("csv", "md"))
     prototype_map(known, protos, [classes.names[i] for i in known_ids], files.file("prototypes.png"))
-    return {"known": len(known_ids), "unknown": len(protos), "sample": len(sample)}
+    return {"known": len(known_ids), "unknown": len(protos), "sample": len(sample), "gap_norm": round(float(np.linalg.norm(gap)), 4)}
 
 
 @task(name="cluster-stage")

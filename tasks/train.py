@@ -29,11 +29,12 @@ def build_train(cfg: PipelineConfig, store: Store, upstream: dict[str, str], fil
         regions=data.train_regions(),
         known_text=protos["known"],  # held-out classes were never in here (cluster stage)
         prototypes=protos["unknown"],
+        gap=protos.get("gap"),  # artifacts clustered without the correction have none
     )
     workdir = files.file("checkpoints")
     result = train_student(train_data, t, (teacher["mean"], teacher["std"]), workdir, resolve_device(t.device))
     shutil.copyfile(workdir / WEIGHTS_FILE, files.file(STUDENT))  # final weights, architecture in the metadata
-    files.save_tensors(PROTOTYPES, {"known": protos["known"], "unknown": torch.as_tensor(result.prototypes).float()})
+    files.save_tensors(PROTOTYPES, {**protos, "unknown": torch.as_tensor(result.prototypes).float()})
     files.write_json(
         STUDENT_INFO,
         {

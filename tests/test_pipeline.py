@@ -57,7 +57,9 @@ def test_pipeline_end_to_end_reuse_and_invalidation(tmp_path, run) -> None:
 def test_held_out_names_never_reach_training(tmp_path, run) -> None:
     results = run(stages=["data", "teacher", "features", "cluster"])
     store = Store(tmp_path)
-    known = store.open(results["cluster"].key).load_tensors("prototypes.safetensors")["known"]
+    protos = store.open(results["cluster"].key).load_tensors("prototypes.safetensors")
+    known = protos["known"]
+    assert protos["gap"].shape == (known.shape[1],) and protos["gap"].norm() > 0  # the modality-gap offset
     text = store.open(results["features"].key).load_tensors("text.safetensors")["text"]
     classes = store.open(results["features"].key).read_json("classes.json")
     held = [i for i, h in enumerate(classes["held_out"]) if h]

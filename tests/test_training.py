@@ -135,6 +135,26 @@ def test_targets_are_the_given_known_texts_then_the_prototypes(tmp_path, monkeyp
     torch.testing.assert_close(seen[2][KNOWN:], torch.from_numpy(result.prototypes))
 
 
+def test_segment_labels_use_clip_embeddings_moved_across_the_gap(tmp_path, monkeypatch):
+    """L_sem labels the CLIP segment embeddings after the modality-gap offset; the student side is left alone."""
+    seen = {}
+    real = training.semantic_consistency
+
+    def spy(seg_emb, clip_seg, targets, tau):
+        seen.setdefault("clip", []).append(clip_seg.detach().clone())
+        return real(seg_emb, clip_seg, targets, tau)
+
+    monkeypatch.setattr(training, "semantic_consistency", spy)
+    arrays = tiny_arrays()
+    train_student(TrainData(**arrays), tiny_cfg(steps=1), MEAN_STD, tmp_path / "plain", CPU)
+    gap = np.zeros(DIM, np.float32)
+    gap[0] = 3.0  # large enough that every moved segment embedding points almost along the first axis
+    train_student(TrainData(**arrays, gap=gap), tiny_cfg(steps=1), MEAN_STD, tmp_path / "moved", CPU)
+    plain, moved = seen["clip"]
+    torch.testing.assert_close(moved.norm(dim=1), torch.ones(len(moved)))
+    assert plain[:, 0].mean() < 0.9 < moved[:, 0].min()
+
+
 def test_resume_continues_from_the_last_checkpoint(tmp_path):
     first = run(tmp_path, steps=4, checkpoint_every=2)
     assert first.steps_done == 4
@@ -249,3 +269,5 @@ def test_mismatched_inputs_are_refused():
         TrainData(**{**arrays, "regions": arrays["regions"][:, :16]})
     with pytest.raises(ValueError, match="known_text must be"):
         TrainData(**{**arrays, "known_text": np.ones((3, 8), np.float32)})
+    with pytest.raises(ValueError, match="gap must be"):
+        TrainData(**arrays, gap=np.zeros(DIM + 1, np.float32))
