@@ -3,9 +3,9 @@
 The known classes are already named by their text embeddings, so those centres never move; the M free centres learn
 what the CLIP features hold that no known class explains. CLIP's image and text embeddings sit in two separate cones
 (the "modality gap", Liang et al., NeurIPS 2022), so raw image features are nearly always nearer a free centre
-fitted to them than to any text: the text centres would get no points and the prototypes would not be comparable with the
-class texts. Clustering runs on image features moved across the gap (:func:`close_gap`), which puts free and fixed
-centres on one scale. Assignment is a FAISS flat inner-product search (on the GPU
+fitted to them than to any text: the text centres would get no points and the prototypes would not be comparable
+with the class texts. Clustering runs on image features moved across the gap (:func:`close_gap`), which puts free
+and fixed centres on one scale. Assignment is a FAISS flat inner-product search (on the GPU
 when faiss has GPU support), the update is the re-normalised mean, so 100k x 512 samples cluster in seconds.
 """
 

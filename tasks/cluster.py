@@ -47,7 +47,11 @@ def build_cluster(cfg: PipelineConfig, store: Store, upstream: dict[str, str], f
     )
     files.save_tensors(
         PROTOTYPES,
-        {"known": torch.from_numpy(known).float(), "unknown": torch.from_numpy(protos).float(), "gap": torch.from_numpy(gap)},
+        {
+            "known": torch.from_numpy(known).float(),
+            "unknown": torch.from_numpy(protos).float(),
+            "gap": torch.from_numpy(gap),
+        },
     )
     names = [classes.names[i] for i in known_ids] + [f"unknown-{j}" for j in range(len(protos))]
     table = pd.DataFrame(
@@ -60,7 +64,8 @@ def build_cluster(cfg: PipelineConfig, store: Store, upstream: dict[str, str], f
     )
     files.write_table("prototypes", table, also=("csv", "md"))
     prototype_map(known, protos, [classes.names[i] for i in known_ids], files.file("prototypes.png"))
-    return {"known": len(known_ids), "unknown": len(protos), "sample": len(sample), "gap_norm": round(float(np.linalg.norm(gap)), 4)}
+    gap_norm = round(float(np.linalg.norm(gap)), 4)
+    return {"known": len(known_ids), "unknown": len(protos), "sample": len(sample), "gap_norm": gap_norm}
 
 
 @task(name="cluster-stage")
