@@ -222,7 +222,9 @@ class TrainConfig(Section):
     kmeans_iters: int = Field(10, ge=1, description="Segment k-means iterations.")
     crop_scale: tuple[float, float] = Field((0.5, 1.5), description="Random resized crop scale range.")
     color_jitter: float = Field(0.4, ge=0, description="Brightness/contrast/saturation jitter strength.")
-    refresh_every: int = Field(200, ge=0, description="Steps between unknown-prototype refreshes (0 = never).")
+    refresh_every: int = Field(
+        200, ge=0, description="Steps between unknown-prototype refreshes (0 = never; none while lambda_sem is 0)."
+    )
     seed: int = Field(0, description="Training seed.")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
     checkpoint_every: int = volatile(100, "Steps between resumable checkpoints.")

@@ -422,7 +422,7 @@ def _train(
     if group.enabled:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     mean_std = (torch.tensor(teacher_mean_std[0], device=device), torch.tensor(teacher_mean_std[1], device=device))
-    refresh = cfg.refresh_every > 0 and len(prototypes) > 0
+    refresh = cfg.refresh_every > 0 and len(prototypes) > 0 and "sem" in loss_weights(cfg)  # only L_sem uses them
 
     def indices(step: int) -> np.ndarray:
         return batch_indices(step, cfg.batch_size, data.num_images, cfg.seed)[group.rank :: group.world]
