@@ -43,18 +43,21 @@ def spherical_kmeans(points: torch.Tensor, valid: torch.Tensor, init: torch.Tens
     """Batched spherical k-means. `points` [B,P,E] unit rows, `valid` [B,P] bool (only valid points move centres),
     `init` [B,P] long: the starting partition into k = init.max()+1 clusters. A cluster left empty keeps its centre;
     one that never had a valid member takes no points. Returns the assignment [B,P]."""
+    batch, _, dim = points.shape
     k = int(init.max()) + 1
-    weights = valid.to(points.dtype)
+    weights = valid.to(points.dtype).reshape(-1)
+    weighted = points.reshape(-1, dim) * weights[:, None]
+    first = torch.arange(batch, device=points.device)[:, None] * k  # cluster c of view b is row b*k + c
     assign = init
-    centres = points.new_zeros(points.shape[0], k, points.shape[2])
-    alive = torch.zeros(points.shape[0], k, dtype=torch.bool, device=points.device)  # has ever had a member
+    centres = points.new_zeros(batch, k, dim)
+    alive = torch.zeros(batch, k, dtype=torch.bool, device=points.device)  # has ever had a member
     for _ in range(iters):
-        members = F.one_hot(assign, k).to(points.dtype) * weights[..., None]  # [B,P,k]
-        sums = torch.bmm(members.transpose(1, 2), points)  # [B,k,E]
-        filled = members.sum(1) > 0  # [B,k]
+        rows = (assign + first).reshape(-1)
+        sums = points.new_zeros(batch * k, dim).index_add_(0, rows, weighted).view(batch, k, dim)
+        filled = points.new_zeros(batch * k).index_add_(0, rows, weights).view(batch, k) > 0
         centres = torch.where(filled[..., None], F.normalize(sums, dim=-1), centres)
         alive |= filled
-        sims = torch.bmm(points, centres.transpose(1, 2)).masked_fill(~alive[:, None, :], float("-inf"))
+        sims = torch.bmm(points, centres.transpose(1, 2).contiguous()).masked_fill(~alive[:, None, :], float("-inf"))
         assign = sims.argmax(-1)
     return assign
 
