@@ -18,7 +18,7 @@ from tasks.common import StageResult, run_stage
 from tasks.readers import PROTOTYPES, STUDENT, STUDENT_INFO, DataArtifact, FeaturesArtifact
 
 # Training reads every image steps*batch/N times. Reading one image's (pixels, regions, CLIP map) from Zarr costs
-# ~8 ms here, ~80 s over the demo's 600 steps; reading the three arrays whole takes 1.6 s. Arrays up to this size
+# ~8 ms here, ~80 s over the demo's 9600 image reads; reading the three arrays whole takes 1.6 s. Arrays up to this size
 # are therefore read once into memory; larger ones stay lazy (one image at a time).
 PRELOAD_BYTES = 2 * 2**30
 

@@ -4,7 +4,7 @@ import faiss
 import numpy as np
 import pytest
 
-from clips4.prototypes import close_gap, modality_gap, spherical_kmeans, unknown_prototypes
+from clips4.prototypes import close_gap, modality_gap, spherical_kmeans, unit_rows, unknown_prototypes
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -126,3 +126,12 @@ def test_gpu_request_without_gpu_faiss_is_a_clear_error():
     x, _, _ = blob_data(2, 5)
     with pytest.raises(RuntimeError, match="faiss-gpu"):
         spherical_kmeans(x, k=2, use_gpu=True)
+
+
+def test_unit_rows_reuses_unit_input_and_normalises_the_rest():
+    unit = np.eye(3, dtype=np.float32)
+    assert unit_rows(unit, "x") is unit  # no copy of already-normalised features
+    huge = np.array([[3e20, 4e20], [0.0, 2.0]], np.float32)  # squares overflow float32 but the rows are fine
+    np.testing.assert_allclose(unit_rows(huge, "x"), [[0.6, 0.8], [0.0, 1.0]], rtol=1e-6)
+    with pytest.raises(ValueError, match="x contains NaN"):
+        unit_rows(np.array([[np.inf, 1.0]], np.float32), "x")
