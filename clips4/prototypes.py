@@ -62,8 +62,8 @@ class NearestCentre:
 def unit_rows(x: np.ndarray, name: str) -> np.ndarray:
     """float32, C-contiguous, L2-normalised rows; refuses NaN/inf and all-zero rows, which have no direction.
 
-    Rows that are already unit length (features usually are) come back without a copy: on 200k x 512 samples the
-    extra passes cost as much as several k-means iterations.
+    Rows that are already unit length (stored features are) come back as they are, sparing a copy of a sample that
+    can be hundreds of megabytes.
     """
     x = np.asarray(x)
     if x.ndim != 2:
