@@ -78,7 +78,7 @@ def unit_rows(x: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(f"{name} has {int((norms == 0).sum())} all-zero rows, which cannot be clustered on the sphere")
     if np.abs(norms - 1.0).max(initial=0.0) < UNIT_TOLERANCE:
         return x
-    return (x / norms[:, None]).astype(np.float32)
+    return (x / norms[:, None]).astype(np.float32, copy=False)
 
 
 def spherical_kmeans(

@@ -57,7 +57,8 @@ def spherical_kmeans(points: torch.Tensor, valid: torch.Tensor, init: torch.Tens
         filled = points.new_zeros(batch * k).index_add_(0, rows, weights).view(batch, k) > 0
         centres = torch.where(filled[..., None], F.normalize(sums, dim=-1), centres)
         alive |= filled
-        sims = torch.bmm(points, centres.transpose(1, 2).contiguous()).masked_fill(~alive[:, None, :], float("-inf"))
+        sims = torch.bmm(points, centres.transpose(1, 2).contiguous())
+        sims = sims.masked_fill(~alive[:, None, :], float("-inf"))
         assign = sims.argmax(-1)
     return assign
 

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import torch
+import zarr
 
 from prefect import task
 
@@ -18,12 +19,12 @@ from tasks.common import StageResult, run_stage
 from tasks.readers import PROTOTYPES, STUDENT, STUDENT_INFO, DataArtifact, FeaturesArtifact
 
 # Training reads every image steps*batch/N times. Reading one image's (pixels, regions, CLIP map) from Zarr costs
-# ~8 ms here, ~80 s over the demo's 9600 image reads; reading the three arrays whole takes 1.6 s. Arrays up to this size
-# are therefore read once into memory; larger ones stay lazy (one image at a time).
+# ~8 ms here, ~80 s over the demo's 9600 image reads; reading the three arrays whole takes 1.6 s. Arrays up to this
+# size are therefore read once into memory; larger ones stay lazy (one image at a time).
 PRELOAD_BYTES = 2 * 2**30
 
 
-def in_memory_if_small(array):
+def in_memory_if_small(array: zarr.Array) -> np.ndarray | zarr.Array:
     """The whole array as numpy when it is under PRELOAD_BYTES, else the lazy array (read one image at a time)."""
     size = int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize
     return np.asarray(array[...]) if size <= PRELOAD_BYTES else array
