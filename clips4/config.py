@@ -203,6 +203,11 @@ class TrainConfig(Section):
     student: Literal["small_cnn", "resnet50", "resnet101"] = Field("small_cnn", description="Pixel encoder.")
     backbone_weights: Path | None = Field(None, description="Local torchvision weights file for ResNet backbones.")
     width: int = Field(64, ge=8, description="small_cnn: base channel width.")
+    context: list[int] = Field(
+        default_factory=lambda: [1, 1],
+        min_length=1,
+        description="small_cnn: dilation of each conv of the context branch; receptive field 15 + 8 x sum px.",
+    )
     input_size: int = Field(64, ge=16, description="Side of each augmented view fed to the student.")
     steps: int = Field(600, ge=1, description="Optimiser steps.")
     batch_size: int = Field(16, ge=1, description="Images per step (two views each).")
@@ -215,6 +220,16 @@ class TrainConfig(Section):
     lambda_contrast: float = Field(1.0, ge=0, description="Weight of L_contrast (0 turns it off).")
     lambda_emb: float = Field(1.0, ge=0, description="Weight of L_emb (0 turns it off).")
     lambda_sem: float = Field(1.0, ge=0, description="Weight of L_sem (0 turns it off).")
+    emb_space: Literal["image", "text"] = Field(
+        "image",
+        description="L_emb targets: 'image' = CLIP's image features as they are (METHOD.md §3); 'text' = moved "
+        "across the modality gap the cluster stage measured, so student pixels land where the class texts are.",
+    )
+    emb_pooling: Literal["segments", "patches"] = Field(
+        "segments",
+        description="L_emb pairs: 'segments' = student and CLIP map pooled over the student's segments (METHOD.md §3); "
+        "'patches' = the student pooled over each CLIP patch's footprint in the view against that patch.",
+    )
     contrast_pixels: int = Field(
         4096, ge=0, description="Pixels sampled per step for L_contrast (0 = every pixel); segments use all pixels."
     )

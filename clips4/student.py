@@ -8,6 +8,7 @@ with dilation (output stride 8) for real data. Both end in the HSG-style head co
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -16,6 +17,7 @@ import torchvision
 from torch import nn
 
 StudentName = Literal["small_cnn", "resnet50", "resnet101"]
+DEFAULT_CONTEXT = (1, 1)
 RESNET_HEAD_HIDDEN = 512
 
 
@@ -29,20 +31,24 @@ def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, dilation
 
 
 class SmallCNN(nn.Module):
-    """Output stride 2: a stride-2 branch for detail and a stride-4 dilated branch for context, fused FPN-style.
+    """Output stride 2: a stride-2 branch for detail and a stride-4 context branch, fused FPN-style.
 
     A 64px view gives a 32x32 map, enough resolution for superpixel-sized segments, at a cost that trains on CPU.
+    ``context`` holds the dilation of each 3x3 conv of the context branch after its stride-2 conv; it sets the
+    receptive field, 15 + 8 x sum(context) px (31 px for the default (1, 1); the 71 px of (1, 2, 4) spans a whole
+    demo image). Kept small on purpose: a student that sees the whole image can
+    learn the teacher's context-dependent confusions (a thing read as the ground it lies on), one that sees only
+    the neighbourhood learns what the teacher says about that look on average over every context it appears in.
     """
 
-    def __init__(self, width: int = 64) -> None:
+    def __init__(self, width: int = 64, context: Sequence[int] = DEFAULT_CONTEXT) -> None:
         super().__init__()
+        if not context or min(context) < 1:
+            raise ValueError(f"small_cnn context dilations must be a non-empty list of positive ints, got {context}")
         half = max(width // 2, 8)
         self.fine = nn.Sequential(conv_bn_relu(3, half, stride=2), conv_bn_relu(half, half))
         self.coarse = nn.Sequential(
-            conv_bn_relu(half, width, stride=2),
-            conv_bn_relu(width, width),
-            conv_bn_relu(width, width, dilation=2),
-            conv_bn_relu(width, width, dilation=4),
+            conv_bn_relu(half, width, stride=2), *(conv_bn_relu(width, width, dilation=d) for d in context)
         )
         self.out_channels = half + width
 
@@ -127,15 +133,16 @@ class PixelEncoder(nn.Module):
         ]
 
 
-def build_student(name: StudentName, out_dim: int, width: int = 64,
-                  backbone_weights: Path | None = None) -> PixelEncoder:
-    """The pixel encoder named in the config; ResNet weights come only from a local file (never downloaded)."""
+def build_student(name: StudentName, out_dim: int, width: int = 64, backbone_weights: Path | None = None,
+                  context: Sequence[int] = DEFAULT_CONTEXT) -> PixelEncoder:
+    """The pixel encoder named in the config (``width`` and ``context``: small_cnn only); ResNet weights come only
+    from a local file (never downloaded)."""
     if out_dim < 1:
         raise ValueError(f"student out_dim must be positive, got {out_dim}")
     if name == "small_cnn":
         if backbone_weights is not None:
             raise ValueError("train.backbone_weights applies to ResNet students only; set it to null for small_cnn")
-        trunk = SmallCNN(width)
+        trunk = SmallCNN(width, context)
         return PixelEncoder(trunk, trunk.out_channels, width, out_dim, stride=2, split_head_lr=False)
     if name in ("resnet50", "resnet101"):
         trunk = ResNetTrunk(50 if name == "resnet50" else 101, backbone_weights)

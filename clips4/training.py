@@ -9,6 +9,7 @@ share of every global batch; rank 0 alone writes checkpoints and refreshes the u
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torchvision.ops import roi_align
 
 from clips4.config import TrainConfig
 from clips4.losses import embedding_consistency, pixel_segment_contrastive, segment_means, semantic_consistency
@@ -33,7 +35,7 @@ from clips4.progress import track
 from clips4.prototypes import spherical_kmeans
 from clips4.segments import segment_views
 from clips4.student import PixelEncoder, build_student
-from clips4.views import color_jitter, sample_views, warp
+from clips4.views import ViewBatch, cell_footprints, color_jitter, sample_views, warp
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ POLY_POWER = 0.9
 SGD_MOMENTUM = 0.9
 BUFFER_SIZE = 20_000  # recent (gap-corrected) CLIP segment embeddings kept for the prototype refresh
 REFRESH_ITERATIONS = 10  # k-means iterations per refresh; it starts from the current prototypes
+FOOTPRINT_SAMPLES = 6  # bilinear samples per side when averaging the student over a CLIP patch's footprint
 _BATCH_STREAM, _VIEW_STREAM = 0, 1  # seed-sequence tags, so batch order and augmentation never share a stream
 
 
@@ -233,25 +236,33 @@ def step_losses(
     mean_std: tuple[torch.Tensor, torch.Tensor],
     generator: torch.Generator,
     device: torch.device,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """The switched-on loss components of one batch (two views per image) and the CLIP segment embeddings u moved
-    across the modality gap (the space the targets live in, and the one the prototypes are refreshed in)."""
+    across the modality gap (the space the targets live in, and the one the prototypes are refreshed in); None when
+    no switched-on loss needs segments (L_emb over patches alone)."""
     weights = loss_weights(cfg)
     images = to_unit_images(batch.images, device)
-    regions = torch.from_numpy(batch.regions.astype(np.int64)).to(device)
     clip = torch.from_numpy(batch.clip_maps).to(device).permute(0, 3, 1, 2).float()
     count, _, height, width = images.shape
-
-    # Region ids unique per image and shared by its two views: the same region in both views is one positive group.
-    span = int(regions.max().clamp(min=0)) + 1
-    offsets = torch.arange(count, device=device).view(-1, 1, 1) * span
-    regions = torch.where(regions >= 0, regions + offsets, -1)
 
     views = sample_views(2 * count, (height, width), cfg.input_size, cfg.crop_scale, generator)
     pixels = color_jitter(warp(images.repeat(2, 1, 1, 1), views), cfg.color_jitter, generator)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
         z = model(normalize_images(pixels, *mean_std))
     z = z.float()
+
+    losses: dict[str, torch.Tensor] = {}
+    emb_gap = gap if cfg.emb_space == "text" else torch.zeros_like(gap)
+    if "emb" in weights and cfg.emb_pooling == "patches":
+        losses["emb"] = patch_consistency(z, clip, views, (height, width), emb_gap)
+    if not ({"contrast", "sem"} & weights.keys() or ("emb" in weights and cfg.emb_pooling == "segments")):
+        return losses, None
+
+    # Region ids unique per image and shared by its two views: the same region in both views is one positive group.
+    regions = torch.from_numpy(batch.regions.astype(np.int64)).to(device)
+    span = int(regions.max().clamp(min=0)) + 1
+    offsets = torch.arange(count, device=device).view(-1, 1, 1) * span
+    regions = torch.where(regions >= 0, regions + offsets, -1)
     size = z.shape[-1]
     view_regions = warp(regions.repeat(2, 1, 1)[:, None], views, size, mode="nearest")[:, 0]
     view_clip = warp(clip.repeat(2, 1, 1, 1), views, size, mode="bilinear", frame_size=(height, width))
@@ -264,16 +275,31 @@ def step_losses(
     u = segment_means(view_clip.permute(0, 2, 3, 1)[valid], seg, segments.num)
     u_text_side = F.normalize(u + gap, dim=1)
 
-    losses: dict[str, torch.Tensor] = {}
     if "contrast" in weights:
         # A random subset of pixels is an unbiased estimate of the mean over pixels at a fraction of the N x S cost.
         keep = contrast_subset(len(seg), cfg.contrast_pixels, generator, device)
         losses["contrast"] = pixel_segment_contrastive(z_pix[keep], seg[keep], v, segments.region, cfg.kappa)
-    if "emb" in weights:
-        losses["emb"] = embedding_consistency(v, u)
+    if "emb" in weights and cfg.emb_pooling == "segments":
+        losses["emb"] = embedding_consistency(v, F.normalize(u + emb_gap, dim=1))
     if "sem" in weights:
         losses["sem"] = semantic_consistency(v, u_text_side, targets, cfg.tau)
-    return losses, u_text_side
+    return {name: losses[name] for name in weights}, u_text_side
+
+
+def patch_consistency(z: torch.Tensor, clip: torch.Tensor, views: ViewBatch, frame_size: tuple[int, int],
+                      gap: torch.Tensor) -> torch.Tensor:
+    """L_emb per CLIP patch: the student map of each view ``z`` [2B,D,s,s] averaged over the footprint of every
+    patch of the source's CLIP map ``clip`` [B,D,h,w] that lies inside the view, against that patch (moved by
+    ``gap`` [D], zeros for none).
+
+    A patch feature describes everything inside its footprint, so only the footprint's mean is asked to match it;
+    a small thing that fills part of a patch is free to keep its own embedding instead of inheriting the mix.
+    """
+    rois, cell = cell_footprints(views, frame_size, tuple(clip.shape[-2:]), z.shape[-1])
+    pooled = roi_align(z, rois.to(z.dtype), output_size=1, spatial_scale=1.0, sampling_ratio=FOOTPRINT_SAMPLES,
+                       aligned=True).flatten(1)
+    targets = clip.repeat(2, 1, 1, 1).flatten(2).transpose(1, 2).reshape(-1, clip.shape[1])[cell]
+    return embedding_consistency(F.normalize(pooled, dim=1), F.normalize(F.normalize(targets, dim=1) + gap, dim=1))
 
 
 def train_step(
@@ -288,9 +314,9 @@ def train_step(
     generator: torch.Generator,
     device: torch.device,
     group: Distributed,
-) -> tuple[dict[str, float], torch.Tensor]:
+) -> tuple[dict[str, float], torch.Tensor | None]:
     """One optimiser step; returns the loss values to log (components unweighted, total weighted; averaged over
-    DDP ranks) and the gap-corrected CLIP segment embeddings of the batch."""
+    DDP ranks) and the gap-corrected CLIP segment embeddings of the batch (None when no loss needed segments)."""
     losses, u = step_losses(net, batch, cfg, targets, gap, mean_std, generator, device)
     weights = loss_weights(cfg)
     total = sum(weights[name] * value for name, value in losses.items())
@@ -331,7 +357,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def save_student(model: PixelEncoder, path: Path, cfg: TrainConfig, step: int) -> None:
     """Weights as safetensors, with what :func:`load_student` needs to rebuild the network in the metadata."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"student": cfg.student, "width": str(cfg.width), "out_dim": str(model.out_dim), "step": str(step)}
+    meta = {"student": cfg.student, "width": str(cfg.width), "context": json.dumps(cfg.context),
+            "out_dim": str(model.out_dim), "step": str(step)}
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
@@ -339,10 +366,11 @@ def load_student(path: Path, device: torch.device) -> PixelEncoder:
     """Rebuild a trained student from ``student.safetensors`` (architecture from its metadata), in eval mode."""
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata() or {}
-    if not {"student", "width", "out_dim"} <= meta.keys():
-        raise ValueError(f"{path} has no clips4 student metadata (student, width, out_dim); "
-                         "it was not written by clips4.training")
-    model = build_student(meta["student"], int(meta["out_dim"]), int(meta["width"]))  # type: ignore[arg-type]
+    if not {"student", "width", "context", "out_dim"} <= meta.keys():
+        raise ValueError(f"{path} has no clips4 student metadata (student, width, context, out_dim); it was not "
+                         "written by this version of clips4.training: train it again")
+    model = build_student(meta["student"], int(meta["out_dim"]), int(meta["width"]),  # type: ignore[arg-type]
+                          context=json.loads(meta["context"]))
     model.load_state_dict(load_file(str(path)))
     return model.to(device).eval()
 
@@ -396,7 +424,7 @@ def _train(
 
     with torch.random.fork_rng(devices=[]):  # same initial weights on every rank and in every rerun
         torch.manual_seed(cfg.seed)
-        model = build_student(cfg.student, data.dim, cfg.width, cfg.backbone_weights)
+        model = build_student(cfg.student, data.dim, cfg.width, cfg.backbone_weights, cfg.context)
     if group.world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)

@@ -90,6 +90,32 @@ def warp(x: torch.Tensor, views: ViewBatch, out_size: int | None = None,
     return torch.where(flips, out.flip(-1), out)
 
 
+def cell_footprints(views: ViewBatch, frame_size: tuple[int, int], grid: tuple[int, int],
+                    map_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each cell of a coarse map of the source frame (a CLIP patch) lands in every view's ``map_size`` map.
+
+    Returns ROIs [R,5] (view index, x0, y0, x1, y1 in the view map's pixel frame, flips applied) of the cells that
+    lie wholly inside their view, and each one's flat cell index [R] (view * gh * gw + row * gw + col), so a map of
+    the view pooled over the ROIs compares cell by cell with the coarse map of the un-augmented source.
+    """
+    height, width = frame_size
+    gh, gw = grid
+    device = views.boxes.device
+    boxes = views.boxes.to(torch.float32)
+    x0 = (torch.arange(gw, device=device, dtype=torch.float32) * (width / gw)).repeat(gh)
+    y0 = (torch.arange(gh, device=device, dtype=torch.float32) * (height / gh)).repeat_interleave(gw)
+    cells = torch.stack([x0, y0, x0 + width / gw, y0 + height / gh], dim=1)  # [G,4] source pixels
+    scale = map_size / (boxes[:, 2:3] - boxes[:, 0:1])  # view boxes are square: one scale per view
+    xs = (cells[None, :, 0::2] - boxes[:, None, 0:1]) * scale[:, None]  # [B,G,2] in view map pixels
+    ys = (cells[None, :, 1::2] - boxes[:, None, 1:2]) * scale[:, None]
+    flip = views.flips.to(device)[:, None, None]
+    xs = torch.where(flip, map_size - xs.flip(-1), xs)
+    inside = ((xs >= 0) & (xs <= map_size) & (ys >= 0) & (ys <= map_size)).all(-1)  # [B,G]
+    view, cell = torch.nonzero(inside, as_tuple=True)
+    rois = torch.stack([view.float(), xs[view, cell, 0], ys[view, cell, 0], xs[view, cell, 1], ys[view, cell, 1]], 1)
+    return rois, view * (gh * gw) + cell
+
+
 def _warp_nearest(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     if x.dtype in (torch.uint8, torch.bool):
         raise ValueError(f"nearest warp of integer maps needs a signed dtype (outside = -1), got {x.dtype}; "

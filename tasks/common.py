@@ -16,7 +16,7 @@ FORMAT_VERSION: dict[str, int] = {
     "teacher": 1,
     "features": 1,
     "cluster": 1,
-    "train": 1,
+    "train": 2,
     "evaluate": 1,
 }
 

@@ -35,7 +35,7 @@ from clips4.training import embed_images
 from clips4.visualize import embedding_comparison, overlay_grid
 from storage import ArtifactFiles, Store
 from tasks.common import StageResult, run_stage
-from tasks.readers import DataArtifact, FeaturesArtifact, TrainArtifact
+from tasks.readers import PROTOTYPES, DataArtifact, FeaturesArtifact, TrainArtifact
 from tasks.report import publish_metrics
 
 Embedder = Callable[[list[int]], torch.Tensor]
@@ -134,6 +134,11 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
         kspd = _maskclip_kspd(teacher_feats, teacher_keys, text)
         batches = SplitBatches(records, kspd, data.label_reader(cfg.data))
         record("maskclip+kspd", "language", score_classifier(batches, lambda s: s, classes.num_classes, device, held)[0])
+    gap = _training_gap(cfg, store, upstream)
+    if "language" in e.tasks and gap is not None:
+        # The same correction the student was trained with, applied to the teacher: what calibration alone gives.
+        batches = SplitBatches(records, _moved(embedders["maskclip"], gap), data.label_reader(cfg.data))
+        record("maskclip+gap", "language", score_classifier(batches, language, classes.num_classes, device, held)[0])
 
     metrics = pd.DataFrame(rows, columns=["method", "task", "metric", "value"])
     files.write_table("metrics", metrics, also=("csv", "md"))
@@ -146,6 +151,18 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
         for r in rows
         if r["metric"] in ("mIoU", "mIoU_known", "mIoU_unknown")
     }
+
+
+def _training_gap(cfg: PipelineConfig, store: Store, upstream: dict[str, str]) -> torch.Tensor | None:
+    """The modality-gap offset the student's L_emb targets were moved by, or None (no student, or image-side)."""
+    if "train" not in upstream or cfg.train.emb_space != "text":
+        return None
+    return TrainArtifact.open(store, upstream["train"]).files.load_tensors(PROTOTYPES).get("gap")
+
+
+def _moved(embed: Embedder, gap: torch.Tensor) -> Embedder:
+    """Embeddings moved by ``gap`` across the modality gap and re-normalised, like the cluster stage's."""
+    return lambda idx: torch.nn.functional.normalize(embed(idx) + gap.view(1, -1, 1, 1), dim=1)
 
 
 def _maskclip_kspd(features, keys, text: torch.Tensor) -> Embedder:

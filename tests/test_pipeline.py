@@ -35,7 +35,7 @@ def test_pipeline_end_to_end_reuse_and_invalidation(tmp_path, run) -> None:
     assert feats.dtype == "float16" and feats.shape[0] == 24 and feats.chunks[0] == 1
 
     metrics = store.open(first["evaluate"].key).read_table("metrics")
-    assert {"maskclip", "maskclip+kspd", "clips4"} <= set(metrics["method"])
+    assert {"maskclip", "maskclip+kspd", "maskclip+gap", "clips4"} <= set(metrics["method"])
     assert {"language", "unsupervised", "probe"} <= set(metrics["task"])
     assert metrics["value"].notna().all()
     assert store.open(first["evaluate"].key).has("overlays.png")

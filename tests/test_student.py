@@ -64,3 +64,16 @@ def test_bad_student_requests_are_refused():
         build_student("small_cnn", out_dim=8, backbone_weights=Path("x.pth"))
     with pytest.raises(ValueError, match=r"\[B,3,H,W\]"):
         build_student("small_cnn", out_dim=8, width=8)(torch.zeros(1, 1, 16, 16))
+
+
+def test_small_cnn_context_sets_the_receptive_field():
+    """A pixel's embedding depends on a window of input pixels 15 + 8 x sum(context) px wide."""
+    torch.manual_seed(0)
+    for context, width in (([1, 1], 31), ([1, 2, 4], 71)):
+        model = build_student("small_cnn", out_dim=4, width=8, context=context).eval()
+        x = torch.rand(1, 3, 128, 128, requires_grad=True)
+        model(x)[0, :, 32, 32].sum().backward()
+        cols = torch.nonzero(x.grad.abs().sum((0, 1, 2)) > 0).flatten()
+        assert int(cols.max() - cols.min()) + 1 == width
+    with pytest.raises(ValueError, match="context dilations"):
+        build_student("small_cnn", out_dim=4, width=8, context=[])

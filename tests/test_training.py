@@ -271,3 +271,49 @@ def test_mismatched_inputs_are_refused():
         TrainData(**{**arrays, "known_text": np.ones((3, 8), np.float32)})
     with pytest.raises(ValueError, match="gap must be"):
         TrainData(**arrays, gap=np.zeros(DIM + 1, np.float32))
+
+
+def test_patch_consistency_is_zero_when_each_footprint_averages_to_its_patch():
+    """L_emb with emb_pooling=patches: a student map that repeats every CLIP patch over its footprint (in a flipped
+    and in a zoomed view) scores 0, the same map with patches swapped does not; the gap moves the targets."""
+    from clips4.views import ViewBatch
+
+    clip = torch.nn.functional.normalize(torch.randn(1, DIM, 4, 4), dim=1)
+    views = ViewBatch(torch.tensor([[0.0, 0.0, 16.0, 16.0], [4.0, 4.0, 12.0, 12.0]]), torch.tensor([True, False]), 8)
+    full = torch.nn.functional.interpolate(clip, size=8, mode="nearest").flip(-1)  # view 0: the whole frame, flipped
+    zoom = torch.nn.functional.interpolate(clip[..., 1:3, 1:3], size=8, mode="nearest")  # view 1: the middle 2x2
+    z = torch.cat([full, zoom])
+    assert training.patch_consistency(z, clip, views, (16, 16), torch.zeros(DIM)) < 0.01  # bilinear samples blur edges
+    swapped = torch.cat([full.flip(-1), zoom.flip(-2)])
+    assert training.patch_consistency(swapped, clip, views, (16, 16), torch.zeros(DIM)) > 0.3
+    gap = torch.zeros(DIM)
+    gap[0] = 3.0
+    moved = torch.nn.functional.normalize(clip + gap.view(1, -1, 1, 1), dim=1)
+    z_moved = torch.cat([torch.nn.functional.interpolate(moved, size=8, mode="nearest").flip(-1),
+                         torch.nn.functional.interpolate(moved[..., 1:3, 1:3], size=8, mode="nearest")])
+    assert training.patch_consistency(z_moved, clip, views, (16, 16), gap) < 0.01
+    assert training.patch_consistency(z_moved, clip, views, (16, 16), torch.zeros(DIM)) > 0.1
+
+
+@pytest.mark.parametrize("pooling", ["segments", "patches"])
+def test_text_side_embedding_targets_follow_the_gap(tmp_path, pooling):
+    """emb_space=text pulls the student toward CLIP features moved across the gap: with a gap along one axis the
+    student's pixels turn toward that axis, and stay put in the image space."""
+    arrays = tiny_arrays()
+    gap = np.zeros(DIM, np.float32)
+    gap[0] = 3.0
+    mean_axis0 = {}
+    for space in ("image", "text"):
+        cfg = tiny_cfg(steps=30, lambda_contrast=0.0, lambda_sem=0.0, emb_pooling=pooling, emb_space=space, lr=0.05)
+        result = train_student(TrainData(**arrays, gap=gap), cfg, MEAN_STD, tmp_path / space, CPU)
+        emb = embed_images(result.model, arrays["images"], *MEAN_STD, CPU)
+        mean_axis0[space] = float(emb[:, 0].mean())
+    assert mean_axis0["text"] > 0.9 > 0.5 > mean_axis0["image"]
+
+
+def test_patch_embedding_alone_computes_no_segments(tmp_path, monkeypatch):
+    """L_emb over patches needs no segments: the per-view k-means is skipped when no other loss is on."""
+    monkeypatch.setattr(training, "segment_views", lambda *a, **k: pytest.fail("segments computed for nothing"))
+    result = run(tmp_path, steps=2, lambda_contrast=0.0, lambda_sem=0.0, emb_pooling="patches")
+    assert set(result.losses["component"]) == {"emb", "total"}
+    assert np.isfinite(result.losses["value"]).all()

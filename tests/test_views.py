@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clips4.views import ViewBatch, color_jitter, sample_views, warp
+from torchvision.ops import roi_align
+
+from clips4.views import ViewBatch, cell_footprints, color_jitter, sample_views, warp
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
@@ -120,3 +122,22 @@ def test_color_jitter_is_seeded_bounded_and_grays():
     torch.testing.assert_close(gray[:, 0], gray[:, 1])
     torch.testing.assert_close(gray[:, 1], gray[:, 2])
     torch.testing.assert_close(gray[:, 0], 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2])
+
+
+def test_cell_footprints_register_a_coarse_map_of_the_source_with_each_view():
+    """Pooling a view over the footprints == the coarse (patch-mean) map of the source, cell by cell; cells that
+    leave the view are dropped and flips mirror the footprints."""
+    image = coordinate_image(64).repeat(3, 1, 1, 1)
+    coarse = F.avg_pool2d(image, 8)  # the 8x8 "CLIP map": one cell per 8x8 patch
+    vb = views([[0, 0, 64, 64], [10, 6, 50, 46], [-8, -8, 72, 72]], [True, False, True], out_size=32)
+    rois, cell = cell_footprints(vb, (64, 64), (8, 8), 32)
+    assert (rois[:, 0].long() == cell // 64).all()
+    per_view = torch.bincount(cell // 64, minlength=3)
+    assert per_view.tolist() == [64, 16, 64]  # the 40px crop holds the 4x4 patches wholly inside it
+    pooled = roi_align(warp(image, vb), rois, output_size=1, spatial_scale=1.0, sampling_ratio=8, aligned=True)
+    expected = coarse.flatten(2).transpose(1, 2).reshape(-1, 3)[cell]
+    error = (pooled.flatten(1)[:, :2] - expected[:, :2]).abs()  # x and y of the pixel centres, 0.5 ... 63.5
+    assert error[cell < 128].max() < 0.1
+    assert error[cell >= 128].max() < 2  # zoomed out: edge cells blend with the zero padding; a shift would be 8
+    first = rois[cell == 0][0]  # top-left patch of the flipped full view sits at the top right of the map
+    torch.testing.assert_close(first[1:], torch.tensor([28.0, 0.0, 32.0, 4.0]))
