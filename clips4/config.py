@@ -225,10 +225,11 @@ class TrainConfig(Section):
         description="L_emb targets: 'image' = CLIP's image features as they are (METHOD.md §3); 'text' = moved "
         "across the modality gap the cluster stage measured, so student pixels land where the class texts are.",
     )
-    emb_pooling: Literal["segments", "patches"] = Field(
+    emb_pooling: Literal["segments", "patches", "both"] = Field(
         "segments",
         description="L_emb pairs: 'segments' = student and CLIP map pooled over the student's segments (METHOD.md §3); "
-        "'patches' = the student pooled over each CLIP patch's footprint in the view against that patch.",
+        "'patches' = the student pooled over each CLIP patch's footprint in the view against that patch; 'both' = "
+        "the mean of the two.",
     )
     contrast_pixels: int = Field(
         4096, ge=0, description="Pixels sampled per step for L_contrast (0 = every pixel); segments use all pixels."
@@ -237,6 +238,7 @@ class TrainConfig(Section):
     kmeans_iters: int = Field(10, ge=1, description="Segment k-means iterations.")
     crop_scale: tuple[float, float] = Field((0.5, 1.5), description="Random resized crop scale range.")
     color_jitter: float = Field(0.4, ge=0, description="Brightness/contrast/saturation jitter strength.")
+    grayscale: float = Field(0.2, ge=0, le=1, description="Chance a view is turned grayscale.")
     refresh_every: int = Field(
         200, ge=0, description="Steps between unknown-prototype refreshes (0 = never; none while lambda_sem is 0)."
     )

@@ -246,16 +246,17 @@ def step_losses(
     count, _, height, width = images.shape
 
     views = sample_views(2 * count, (height, width), cfg.input_size, cfg.crop_scale, generator)
-    pixels = color_jitter(warp(images.repeat(2, 1, 1, 1), views), cfg.color_jitter, generator)
+    pixels = color_jitter(warp(images.repeat(2, 1, 1, 1), views), cfg.color_jitter, generator,
+                          grayscale_p=cfg.grayscale)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
         z = model(normalize_images(pixels, *mean_std))
     z = z.float()
 
     losses: dict[str, torch.Tensor] = {}
     emb_gap = gap if cfg.emb_space == "text" else torch.zeros_like(gap)
-    if "emb" in weights and cfg.emb_pooling == "patches":
+    if "emb" in weights and cfg.emb_pooling in ("patches", "both"):
         losses["emb"] = patch_consistency(z, clip, views, (height, width), emb_gap)
-    if not ({"contrast", "sem"} & weights.keys() or ("emb" in weights and cfg.emb_pooling == "segments")):
+    if not ({"contrast", "sem"} & weights.keys() or ("emb" in weights and cfg.emb_pooling != "patches")):
         return losses, None
 
     # Region ids unique per image and shared by its two views: the same region in both views is one positive group.
@@ -279,8 +280,9 @@ def step_losses(
         # A random subset of pixels is an unbiased estimate of the mean over pixels at a fraction of the N x S cost.
         keep = contrast_subset(len(seg), cfg.contrast_pixels, generator, device)
         losses["contrast"] = pixel_segment_contrastive(z_pix[keep], seg[keep], v, segments.region, cfg.kappa)
-    if "emb" in weights and cfg.emb_pooling == "segments":
-        losses["emb"] = embedding_consistency(v, F.normalize(u + emb_gap, dim=1))
+    if "emb" in weights and cfg.emb_pooling != "patches":
+        per_segment = embedding_consistency(v, F.normalize(u + emb_gap, dim=1))
+        losses["emb"] = (losses["emb"] + per_segment) / 2 if "emb" in losses else per_segment
     if "sem" in weights:
         losses["sem"] = semantic_consistency(v, u_text_side, targets, cfg.tau)
     return {name: losses[name] for name in weights}, u_text_side

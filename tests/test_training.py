@@ -317,3 +317,12 @@ def test_patch_embedding_alone_computes_no_segments(tmp_path, monkeypatch):
     result = run(tmp_path, steps=2, lambda_contrast=0.0, lambda_sem=0.0, emb_pooling="patches")
     assert set(result.losses["component"]) == {"emb", "total"}
     assert np.isfinite(result.losses["value"]).all()
+
+
+def test_both_poolings_average_the_patch_and_segment_terms(tmp_path, monkeypatch):
+    """emb_pooling=both logs L_emb as the mean of the per-patch and the per-segment terms."""
+    monkeypatch.setattr(training, "patch_consistency", lambda *a: torch.tensor(0.2, requires_grad=True))
+    monkeypatch.setattr(training, "embedding_consistency", lambda *a: torch.tensor(0.6, requires_grad=True))
+    result = run(tmp_path, steps=1, lambda_contrast=0.0, lambda_sem=0.0, emb_pooling="both")
+    emb = result.losses[result.losses["component"] == "emb"]["value"]
+    np.testing.assert_allclose(emb, [0.4], rtol=1e-6)
