@@ -7,8 +7,8 @@ with dilation (output stride 8) for real data. Both end in the HSG-style head co
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -36,9 +36,9 @@ class SmallCNN(nn.Module):
     A 64px view gives a 32x32 map, enough resolution for superpixel-sized segments, at a cost that trains on CPU.
     ``context`` holds the dilation of each 3x3 conv of the context branch after its stride-2 conv; it sets the
     receptive field, 15 + 8 x sum(context) px (31 px for the default (1, 1); the 71 px of (1, 2, 4) spans a whole
-    demo image). Kept small on purpose: a student that sees the whole image can
-    learn the teacher's context-dependent confusions (a thing read as the ground it lies on), one that sees only
-    the neighbourhood learns what the teacher says about that look on average over every context it appears in.
+    demo image). Kept small on purpose: a student that sees the whole image can learn the teacher's context-dependent
+    confusions (a thing read as the ground it lies on); one that sees only the neighbourhood learns what the teacher
+    says about that look on average over every context it appears in.
     """
 
     def __init__(self, width: int = 64, context: Sequence[int] = DEFAULT_CONTEXT) -> None:
