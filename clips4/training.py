@@ -253,7 +253,7 @@ def step_losses(
     z = z.float()
 
     losses: dict[str, torch.Tensor] = {}
-    emb_gap = gap if cfg.emb_space == "text" else torch.zeros_like(gap)
+    emb_gap = gap if cfg.emb_space == "text" else None
     if "emb" in weights and cfg.emb_pooling in ("patches", "both"):
         losses["emb"] = patch_consistency(z, clip, views, (height, width), emb_gap)
     if not ({"contrast", "sem"} & weights.keys() or ("emb" in weights and cfg.emb_pooling != "patches")):
@@ -274,25 +274,33 @@ def step_losses(
     z_pix = z.permute(0, 2, 3, 1)[valid]
     v = segment_means(z_pix, seg, segments.num)
     u = segment_means(view_clip.permute(0, 2, 3, 1)[valid], seg, segments.num)
-    u_text_side = F.normalize(u + gap, dim=1)
+    u_text_side = move_across_gap(u, gap)
 
     if "contrast" in weights:
         # A random subset of pixels is an unbiased estimate of the mean over pixels at a fraction of the N x S cost.
         keep = contrast_subset(len(seg), cfg.contrast_pixels, generator, device)
         losses["contrast"] = pixel_segment_contrastive(z_pix[keep], seg[keep], v, segments.region, cfg.kappa)
     if "emb" in weights and cfg.emb_pooling != "patches":
-        per_segment = embedding_consistency(v, F.normalize(u + emb_gap, dim=1))
+        per_segment = embedding_consistency(v, u if emb_gap is None else u_text_side)
         losses["emb"] = (losses["emb"] + per_segment) / 2 if "emb" in losses else per_segment
     if "sem" in weights:
         losses["sem"] = semantic_consistency(v, u_text_side, targets, cfg.tau)
     return {name: losses[name] for name in weights}, u_text_side
 
 
+def move_across_gap(x: torch.Tensor, gap: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """CLIP image embeddings ``x`` moved by the modality-gap offset ``gap`` [D] along ``dim`` and re-normalised, so
+    that they compare with text embeddings (the torch twin of :func:`clips4.prototypes.close_gap`)."""
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    return F.normalize(F.normalize(x, dim=dim) + gap.view(shape), dim=dim)
+
+
 def patch_consistency(z: torch.Tensor, clip: torch.Tensor, views: ViewBatch, frame_size: tuple[int, int],
-                      gap: torch.Tensor) -> torch.Tensor:
+                      gap: torch.Tensor | None) -> torch.Tensor:
     """L_emb per CLIP patch: the student map of each view ``z`` [2B,D,s,s] averaged over the footprint of every
-    patch of the source's CLIP map ``clip`` [B,D,h,w] that lies inside the view, against that patch (moved by
-    ``gap`` [D], zeros for none).
+    patch of the source's CLIP map ``clip`` [B,D,h,w] that lies inside the view, against that patch (moved across
+    the modality gap by ``gap`` [D] when given).
 
     A patch feature describes everything inside its footprint, so only the footprint's mean is asked to match it;
     a small thing that fills part of a patch is free to keep its own embedding instead of inheriting the mix.
@@ -301,7 +309,8 @@ def patch_consistency(z: torch.Tensor, clip: torch.Tensor, views: ViewBatch, fra
     pooled = roi_align(z, rois.to(z.dtype), output_size=1, spatial_scale=1.0, sampling_ratio=FOOTPRINT_SAMPLES,
                        aligned=True).flatten(1)
     targets = clip.repeat(2, 1, 1, 1).flatten(2).transpose(1, 2).reshape(-1, clip.shape[1])[cell]
-    return embedding_consistency(F.normalize(pooled, dim=1), F.normalize(F.normalize(targets, dim=1) + gap, dim=1))
+    targets = F.normalize(targets, dim=1) if gap is None else move_across_gap(targets, gap)
+    return embedding_consistency(F.normalize(pooled, dim=1), targets)
 
 
 def train_step(

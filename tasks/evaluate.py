@@ -31,7 +31,7 @@ from clips4.evaluation import (
 )
 from clips4.maskclip import maskclip_logits
 from clips4.progress import track
-from clips4.training import embed_images
+from clips4.training import embed_images, move_across_gap
 from clips4.visualize import embedding_comparison, overlay_grid
 from storage import ArtifactFiles, Store
 from tasks.common import StageResult, run_stage
@@ -137,7 +137,8 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
     gap = _training_gap(cfg, store, upstream)
     if "language" in e.tasks and gap is not None:
         # The same correction the student was trained with, applied to the teacher: what calibration alone gives.
-        batches = SplitBatches(records, _moved(embedders["maskclip"], gap), data.label_reader(cfg.data))
+        moved = lambda idx: move_across_gap(embedders["maskclip"](idx), gap)  # noqa: E731
+        batches = SplitBatches(records, moved, data.label_reader(cfg.data))
         record("maskclip+gap", "language", score_classifier(batches, language, classes.num_classes, device, held)[0])
 
     metrics = pd.DataFrame(rows, columns=["method", "task", "metric", "value"])
@@ -158,11 +159,6 @@ def _training_gap(cfg: PipelineConfig, store: Store, upstream: dict[str, str]) -
     if "train" not in upstream or cfg.train.emb_space != "text":
         return None
     return TrainArtifact.open(store, upstream["train"]).files.load_tensors(PROTOTYPES).get("gap")
-
-
-def _moved(embed: Embedder, gap: torch.Tensor) -> Embedder:
-    """Embeddings moved by ``gap`` across the modality gap and re-normalised, like the cluster stage's."""
-    return lambda idx: torch.nn.functional.normalize(embed(idx) + gap.view(1, -1, 1, 1), dim=1)
 
 
 def _maskclip_kspd(features, keys, text: torch.Tensor) -> Embedder:
