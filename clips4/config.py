@@ -231,6 +231,15 @@ class TrainConfig(Section):
         "'patches' = the student pooled over each CLIP patch's footprint in the view against that patch; 'both' = "
         "the mean of the two.",
     )
+    patch_norm_power: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Per-patch L_emb ('patches', 'both') is 1 - <m, t> / norm(m)**p, with m the mean of the "
+        "student's unit pixels over the patch footprint and t the patch: 1 compares m's direction (pixels of a thing "
+        "that fills part of a patch then carry the residual the ground leaves, amplified by 1/coverage); 0 pulls "
+        "each pixel to t.",
+    )
     contrast_pixels: int = Field(
         4096, ge=0, description="Pixels sampled per step for L_contrast (0 = every pixel); segments use all pixels."
     )

@@ -47,6 +47,7 @@ POLY_POWER = 0.9
 SGD_MOMENTUM = 0.9
 BUFFER_SIZE = 20_000  # recent (gap-corrected) CLIP segment embeddings kept for the prototype refresh
 REFRESH_ITERATIONS = 10  # k-means iterations per refresh; it starts from the current prototypes
+NORM_EPS = 1e-6  # smallest footprint-mean length divided by (a footprint whose pixels cancel out)
 FOOTPRINT_SAMPLES = 6  # bilinear samples per side when averaging the student over a CLIP patch's footprint
 _BATCH_STREAM, _VIEW_STREAM = 0, 1  # seed-sequence tags, so batch order and augmentation never share a stream
 
@@ -255,7 +256,7 @@ def step_losses(
     losses: dict[str, torch.Tensor] = {}
     emb_gap = gap if cfg.emb_space == "text" else None
     if "emb" in weights and cfg.emb_pooling in ("patches", "both"):
-        losses["emb"] = patch_consistency(z, clip, views, (height, width), emb_gap)
+        losses["emb"] = patch_consistency(z, clip, views, (height, width), emb_gap, cfg.patch_norm_power)
     if not ({"contrast", "sem"} & weights.keys() or ("emb" in weights and cfg.emb_pooling != "patches")):
         return losses, None
 
@@ -297,20 +298,24 @@ def move_across_gap(x: torch.Tensor, gap: torch.Tensor, dim: int = 1) -> torch.T
 
 
 def patch_consistency(z: torch.Tensor, clip: torch.Tensor, views: ViewBatch, frame_size: tuple[int, int],
-                      gap: torch.Tensor | None) -> torch.Tensor:
+                      gap: torch.Tensor | None, norm_power: float = 1.0) -> torch.Tensor:
     """L_emb per CLIP patch: the student map of each view ``z`` [2B,D,s,s] averaged over the footprint of every
     patch of the source's CLIP map ``clip`` [B,D,h,w] that lies inside the view, against that patch (moved across
-    the modality gap by ``gap`` [D] when given).
+    the modality gap by ``gap`` [D] when given): mean over patches of 1 - <m, t> / |m|^norm_power.
 
-    A patch feature describes everything inside its footprint, so only the footprint's mean is asked to match it;
-    a small thing that fills part of a patch is free to keep its own embedding instead of inheriting the mix.
+    A patch feature describes everything inside its footprint, so only the footprint's mean m is asked to match it;
+    a small thing that fills part of a patch is free to keep its own embedding instead of inheriting the mix. With
+    norm_power 1 only m's direction counts, and a thing covering a fraction c of the patch must make up the whole
+    residual the ground leaves, scaled by 1/c; lower powers weigh m's length too (0: every pixel is pulled to t),
+    which bounds that amplification.
     """
     rois, cell = cell_footprints(views, frame_size, tuple(clip.shape[-2:]), z.shape[-1])
     pooled = roi_align(z, rois.to(z.dtype), output_size=1, spatial_scale=1.0, sampling_ratio=FOOTPRINT_SAMPLES,
                        aligned=True).flatten(1)
     targets = clip.repeat(2, 1, 1, 1).flatten(2).transpose(1, 2).reshape(-1, clip.shape[1])[cell]
     targets = F.normalize(targets, dim=1) if gap is None else move_across_gap(targets, gap)
-    return embedding_consistency(F.normalize(pooled, dim=1), targets)
+    length = pooled.norm(dim=1).clamp(min=NORM_EPS)
+    return (1 - (pooled * targets.detach()).sum(1) / length**norm_power).mean()
 
 
 def train_step(

@@ -295,6 +295,24 @@ def test_patch_consistency_is_zero_when_each_footprint_averages_to_its_patch():
     assert training.patch_consistency(z_moved, clip, views, (16, 16), torch.zeros(DIM)) > 0.1
 
 
+def test_patch_norm_power_sets_how_much_a_mixed_footprint_may_amplify_its_residual():
+    """A footprint whose pixels alternate between two embeddings u, w: with power 1 only the direction of their
+    mean counts (0 when the patch is that direction), with power 0 every pixel is pulled to the patch (1 - |m|
+    left over), and powers between lie between."""
+    from clips4.views import ViewBatch
+
+    u, w = torch.eye(DIM)[0], torch.eye(DIM)[1]
+    clip = torch.nn.functional.normalize(u + w, dim=0).view(1, DIM, 1, 1).expand(1, DIM, 2, 2).contiguous()
+    columns = torch.stack([u, w]).repeat(4, 1)  # u, w, u, w, ... across the 8 columns of the student map
+    z = columns.T.view(1, DIM, 1, 8).expand(2, DIM, 8, 8).contiguous()
+    views = ViewBatch(torch.tensor([[0.0, 0.0, 16.0, 16.0]] * 2), torch.tensor([False, True]), 8)
+    loss = {p: float(training.patch_consistency(z, clip, views, (16, 16), None, p)) for p in (0.0, 0.5, 1.0)}
+    mean_length = 2**-0.5  # |(u + w) / 2|
+    assert loss[1.0] == pytest.approx(0.0, abs=5e-3)  # bilinear samples straddle the columns unevenly
+    assert loss[0.0] == pytest.approx(1 - mean_length, abs=5e-3)
+    assert loss[1.0] < loss[0.5] < loss[0.0]
+
+
 @pytest.mark.parametrize("pooling", ["segments", "patches"])
 def test_text_side_embedding_targets_follow_the_gap(tmp_path, pooling):
     """emb_space=text pulls the student toward CLIP features moved across the gap: with a gap along one axis the
