@@ -276,6 +276,12 @@ class EvaluateConfig(Section):
     probe_lr: float = Field(0.05, gt=0, description="Linear-probe learning rate.")
     seed: int = Field(0, description="Seed for k-means and the probe.")
     num_pictures: int = Field(6, ge=0, description="Images drawn in the overlay pictures.")
+    test_scale: float = Field(
+        1.0, ge=0.25, le=4.0,
+        description="Input scale at test time: each image is resized to round(scale x size) before the student "
+        "embeds it. Above 1 small things get more pixels. When not 1 the table adds `maskclip@<scale>x`, MaskCLIP "
+        "on the same enlarged images, so the comparison at equal input stays in view.",
+    )
     batch_size: int = volatile(16, "Images per forward pass.")
     device: str = volatile("auto", "'auto', 'cpu' or 'cuda[:i]'.")
 

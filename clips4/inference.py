@@ -24,6 +24,11 @@ def parse_class_names(text: str) -> list[list[str]]:
     return classes
 
 
+def scaled_size(size: int, scale: float) -> int:
+    """The side an image is resized to at test scale ``scale``, for a model run at side ``size`` (at least 1)."""
+    return max(1, round(size * scale))
+
+
 @dataclass
 class Segmenter:
     """A student and the teacher's text tower: names -> text embeddings -> per-pixel nearest class."""

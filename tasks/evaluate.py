@@ -29,13 +29,14 @@ from clips4.evaluation import (
     unsupervised_segmentation,
     upsample_argmax,
 )
-from clips4.maskclip import maskclip_logits
+from clips4.inference import scaled_size
+from clips4.maskclip import extract_dense, maskclip_logits
 from clips4.progress import track
-from clips4.training import embed_images, move_across_gap
+from clips4.training import embed_images, move_across_gap, normalize_images, to_unit_images
 from clips4.visualize import embedding_comparison, overlay_grid
-from storage import ArtifactFiles, Store
+from storage import ArtifactFiles, Store, StoreError
 from tasks.common import StageResult, run_stage
-from tasks.readers import PROTOTYPES, DataArtifact, FeaturesArtifact, TrainArtifact
+from tasks.readers import PROTOTYPES, DataArtifact, FeaturesArtifact, TrainArtifact, load_teacher
 from tasks.report import publish_metrics
 
 Embedder = Callable[[list[int]], torch.Tensor]
@@ -62,18 +63,29 @@ def array_embedder(features) -> Embedder:
     return lambda idx: torch.from_numpy(np.asarray(features[idx[0] : idx[-1] + 1])).permute(0, 3, 1, 2).float()
 
 
-def cache_student_embeddings(files: ArtifactFiles, name: str, model, info: dict, records: list[Record], batch_size: int, device):
-    """Embed a split once, in batches, into a float16 Zarr array of the staging folder (memory stays one batch)."""
-    size = info["input_size"]
-    probe = embed_images(model, np.zeros((1, size, size, 3), np.uint8), info["mean"], info["std"], device)
-    _, dim, h, w = probe.shape
-    out = files.create_array(f"{CACHE}/{name}.zarr", (len(records), h, w, dim), (1, h, w, dim), "float16")
+def cache_embeddings(files: ArtifactFiles, name: str, embed: Callable[[np.ndarray], torch.Tensor], size: int,
+                     records: list[Record], batch_size: int):
+    """Embed a split once, in batches of images resized to ``size``, into a float16 Zarr array [N,h,w,D] of the
+    staging folder (memory stays one batch). ``embed`` maps uint8 images [B,size,size,3] to [B,D,h,w]."""
+    out = None
     for start in track(range(0, len(records), batch_size), f"embedding {name}", unit="batch"):
         batch = records[start : start + batch_size]
-        images = np.stack([resize_square(read_image(r.image_path), size) for r in batch])
-        emb = embed_images(model, images, info["mean"], info["std"], device, batch_size)
-        out[start : start + len(batch)] = emb.permute(0, 2, 3, 1).numpy().astype(np.float16)
+        emb = embed(np.stack([resize_square(read_image(r.image_path), size) for r in batch])).permute(0, 2, 3, 1)
+        if out is None:
+            out = files.create_array(f"{CACHE}/{name}.zarr", (len(records), *emb.shape[1:]), (1, *emb.shape[1:]), "float16")
+        out[start : start + len(batch)] = emb.numpy().astype(np.float16)
     return out
+
+
+def student_embedder(model, info: dict, device, batch_size: int) -> Callable[[np.ndarray], torch.Tensor]:
+    return lambda images: embed_images(model, images, info["mean"], info["std"], device, batch_size)
+
+
+def maskclip_embedder(teacher, device, batch_size: int, amp: bool) -> Callable[[np.ndarray], torch.Tensor]:
+    mean, std = torch.tensor(teacher.mean, device=device), torch.tensor(teacher.std, device=device)
+    return lambda images: extract_dense(
+        teacher.model, normalize_images(to_unit_images(images, device), mean, std), batch_size, device, amp, False
+    ).features.permute(0, 3, 1, 2).float()
 
 
 def _rows(method: str, task_name: str, scores: dict) -> list[dict]:
@@ -109,10 +121,18 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
     train_embedders: dict[str, Embedder] = {"maskclip": array_embedder(feats.features("train"))} if "train" in data.splits else {}
     if "train" in upstream:
         model, info = TrainArtifact.open(store, upstream["train"]).student(device)
-        embedders["clips4"] = array_embedder(cache_student_embeddings(files, e.split, model, info, records, e.batch_size, device))
+        student, size = student_embedder(model, info, device, e.batch_size), scaled_size(info["input_size"], e.test_scale)
+        embedders["clips4"] = array_embedder(cache_embeddings(files, e.split, student, size, records, e.batch_size))
         if train_embedders and "probe" in e.tasks:
-            cached = cache_student_embeddings(files, "train", model, info, data.records("train"), e.batch_size, device)
+            cached = cache_embeddings(files, "train", student, size, data.records("train"), e.batch_size)
             train_embedders["clips4"] = array_embedder(cached)
+    if e.test_scale != 1:
+        # MaskCLIP on the same enlarged images: a larger input sharpens the teacher's map too.
+        teacher = load_teacher(store.open(_teacher_key(store, upstream["features"])), device)
+        maskclip = maskclip_embedder(teacher, device, e.batch_size, cfg.features.amp)
+        size = scaled_size(cfg.features.resolution, e.test_scale)
+        cached = cache_embeddings(files, f"maskclip-{e.split}", maskclip, size, records, e.batch_size)
+        embedders[f"maskclip@{e.test_scale:g}x"] = array_embedder(cached)
 
     rows: list[dict] = []
     per_class: list[pd.DataFrame] = []
@@ -152,6 +172,14 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
         for r in rows
         if r["metric"] in ("mIoU", "mIoU_known", "mIoU_unknown")
     }
+
+
+def _teacher_key(store: Store, features_key: str) -> str:
+    key = next((m.key for m in store.lineage(features_key) if m.kind == "teacher"), None)
+    if key is None:
+        raise StoreError(f"the teacher of {features_key} is not in {store.root}; evaluate.test_scale != 1 runs it "
+                         "again on the enlarged images: rerun the teacher stage or set evaluate.test_scale=1")
+    return key
 
 
 def _training_gap(cfg: PipelineConfig, store: Store, upstream: dict[str, str]) -> torch.Tensor | None:

@@ -9,7 +9,7 @@ import numpy as np
 from clips4.data.datasets import distinct_palette
 from clips4.data.io import read_image, write_png
 from clips4.device import resolve_device
-from clips4.inference import Segmenter, parse_class_names
+from clips4.inference import Segmenter, parse_class_names, scaled_size
 from clips4.progress import track
 from clips4.visualize import blend_labels
 from storage import Store, StoreError
@@ -29,7 +29,9 @@ def resolve_train_key(store: Store, checkpoint: str | None) -> str:
     return checkpoint
 
 
-def load_segmenter(store: Store, checkpoint: str | None, device: str = "auto") -> tuple[Segmenter, str]:
+def load_segmenter(store: Store, checkpoint: str | None, device: str = "auto", scale: float = 1.0) -> tuple[Segmenter, str]:
+    """The student of a train artifact and its teacher's text tower; images are resized to ``scale`` x the
+    student's training input size (the evaluate stage's ``test_scale``)."""
     key = resolve_train_key(store, checkpoint)
     dev = resolve_device(device)
     model, info = TrainArtifact.open(store, key).student(dev)
@@ -37,7 +39,7 @@ def load_segmenter(store: Store, checkpoint: str | None, device: str = "auto") -
     if teacher_key is None:
         raise StoreError(f"the teacher that {key} was trained against is not in {store.root}; its text tower names classes")
     teacher = load_teacher(store.open(teacher_key), dev)
-    return Segmenter(model, teacher, info["input_size"], info["mean"], info["std"], dev), key
+    return Segmenter(model, teacher, scaled_size(info["input_size"], scale), info["mean"], info["std"], dev), key
 
 
 def write_masks(out: Path, stem: str, image: np.ndarray, label: np.ndarray, palette: np.ndarray) -> None:
@@ -49,11 +51,12 @@ def write_masks(out: Path, stem: str, image: np.ndarray, label: np.ndarray, pale
 
 
 def segment_files(
-    store: Store, images: list[Path], classes: str, out: Path, checkpoint: str | None = None, device: str = "auto", batch_size: int = 8
+    store: Store, images: list[Path], classes: str, out: Path, checkpoint: str | None = None, device: str = "auto",
+    batch_size: int = 8, scale: float = 1.0,
 ) -> list[Path]:
     """Segment the user's images into the named classes; returns the written mask files."""
     names = parse_class_names(classes)
-    segmenter, _ = load_segmenter(store, checkpoint, device)
+    segmenter, _ = load_segmenter(store, checkpoint, device, scale)
     text = segmenter.class_embeddings(names)
     palette = distinct_palette(len(names))
     out.mkdir(parents=True, exist_ok=True)
@@ -68,9 +71,10 @@ def segment_files(
     return written
 
 
-def export_split(store: Store, split: str, out: Path, checkpoint: str | None = None, device: str = "auto", batch_size: int = 8) -> int:
+def export_split(store: Store, split: str, out: Path, checkpoint: str | None = None, device: str = "auto",
+                 batch_size: int = 8, scale: float = 1.0) -> int:
     """Masks of every image of a dataset split, with the dataset's class names (held-out ones included)."""
-    segmenter, key = load_segmenter(store, checkpoint, device)
+    segmenter, key = load_segmenter(store, checkpoint, device, scale)
     data_key = next(m.key for m in store.lineage(key) if m.kind == "data")
     data = DataArtifact.open(store, data_key)
     records = data.records(split)

@@ -35,7 +35,8 @@ def test_pipeline_end_to_end_reuse_and_invalidation(tmp_path, run) -> None:
     assert feats.dtype == "float16" and feats.shape[0] == 24 and feats.chunks[0] == 1
 
     metrics = store.open(first["evaluate"].key).read_table("metrics")
-    assert {"maskclip", "maskclip+kspd", "maskclip+gap", "clips4"} <= set(metrics["method"])
+    # The demo evaluates at test scale 2, so MaskCLIP on the same enlarged images is in the table too.
+    assert {"maskclip", "maskclip+kspd", "maskclip+gap", "clips4", "maskclip@2x"} <= set(metrics["method"])
     assert {"language", "unsupervised", "probe"} <= set(metrics["task"])
     assert metrics["value"].notna().all()
     assert store.open(first["evaluate"].key).has("overlays.png")
@@ -76,10 +77,29 @@ def test_missing_upstream_is_refused(tmp_path, run) -> None:
         run(stages=["train"])
 
 
-def test_baseline_only_evaluation(tmp_path, run) -> None:
+def test_baseline_only_evaluation(tmp_path, run, tiny) -> None:
+    import torch
+
+    from clips4.data.io import read_image
+    from clips4.data.prepare import resize_square
+    from tasks.evaluate import maskclip_embedder
+    from tasks.readers import DataArtifact, FeaturesArtifact, load_teacher
+
     results = run(stages=["data", "teacher", "features", "evaluate"])
-    metrics: pd.DataFrame = Store(tmp_path).open(results["evaluate"].key).read_table("metrics")
-    assert set(metrics["method"]) == {"maskclip", "maskclip+kspd"}
+    store = Store(tmp_path)
+    metrics: pd.DataFrame = store.open(results["evaluate"].key).read_table("metrics")
+    assert set(metrics["method"]) == {"maskclip", "maskclip+kspd", "maskclip@2x"}
+    language = metrics[(metrics["task"] == "language") & (metrics["metric"] == "mIoU")].set_index("method")["value"]
+    assert language["maskclip@2x"] != language["maskclip"]  # really another input, not the stored map again
+
+    # At scale 1 the evaluate stage's MaskCLIP path gives back the features stage's stored map.
+    resolution = resolve_config("demo", overrides=tiny).features.resolution
+    records = DataArtifact.open(store, results["data"].key).records("val")[:2]
+    images = np.stack([resize_square(read_image(r.image_path), resolution) for r in records])
+    teacher = load_teacher(store.open(results["teacher"].key), torch.device("cpu"))
+    again = maskclip_embedder(teacher, torch.device("cpu"), 2, amp=False)(images).permute(0, 2, 3, 1).numpy()
+    stored = np.asarray(FeaturesArtifact.open(store, results["features"].key).features("val")[:2], dtype=np.float32)
+    np.testing.assert_allclose(again, stored, atol=2e-3)
 
 
 def test_segment_and_export_masks_on_unseen_images(tmp_path, run) -> None:
@@ -101,7 +121,7 @@ def test_segment_and_export_masks_on_unseen_images(tmp_path, run) -> None:
     out = tmp_path / "masks"
     cli = CliRunner()
     result = cli.invoke(app, ["segment", *paths, "--classes", "grass, sand | beach, kite, star", "--out", str(out),
-                              "--store", str(tmp_path)])
+                              "--store", str(tmp_path), "--scale", "2"])
     assert result.exit_code == 0, result.output
     for i in range(3):
         mask = Image.open(out / f"mine_{i}_mask.png")
