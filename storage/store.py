@@ -191,6 +191,10 @@ class Store:
             queue.extend(seen[k].upstream)
         return list(seen.values())
 
+    def ancestor(self, key: str, kind: str) -> str | None:
+        """The key of the nearest ``kind`` artifact that ``key`` was built from (itself included), or None."""
+        return next((m.key for m in self.lineage(key) if m.kind == kind), None)
+
     # ------------------------------------------------------------------------------------------------- writes
     def produce(
         self,

@@ -30,12 +30,13 @@ from clips4.evaluation import (
     upsample_argmax,
 )
 from clips4.inference import scaled_size
-from clips4.maskclip import extract_dense, maskclip_logits
+from clips4.maskclip import maskclip_logits
 from clips4.progress import track
-from clips4.training import embed_images, move_across_gap, normalize_images, to_unit_images
+from clips4.training import embed_images, move_across_gap
 from clips4.visualize import embedding_comparison, overlay_grid
 from storage import ArtifactFiles, Store, StoreError
 from tasks.common import StageResult, run_stage
+from tasks.features import teacher_dense
 from tasks.readers import PROTOTYPES, DataArtifact, FeaturesArtifact, TrainArtifact, load_teacher
 from tasks.report import publish_metrics
 
@@ -82,10 +83,7 @@ def student_embedder(model, info: dict, device, batch_size: int) -> Callable[[np
 
 
 def maskclip_embedder(teacher, device, batch_size: int, amp: bool) -> Callable[[np.ndarray], torch.Tensor]:
-    mean, std = torch.tensor(teacher.mean, device=device), torch.tensor(teacher.std, device=device)
-    return lambda images: extract_dense(
-        teacher.model, normalize_images(to_unit_images(images, device), mean, std), batch_size, device, amp, False
-    ).features.permute(0, 3, 1, 2).float()
+    return lambda images: teacher_dense(teacher, images, batch_size, device, amp, False).features.permute(0, 3, 1, 2).float()
 
 
 def _rows(method: str, task_name: str, scores: dict) -> list[dict]:
@@ -175,7 +173,7 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
 
 
 def _teacher_key(store: Store, features_key: str) -> str:
-    key = next((m.key for m in store.lineage(features_key) if m.kind == "teacher"), None)
+    key = store.ancestor(features_key, "teacher")
     if key is None:
         raise StoreError(f"the teacher of {features_key} is not in {store.root}; evaluate.test_scale != 1 runs it "
                          "again on the enlarged images: rerun the teacher stage or set evaluate.test_scale=1")

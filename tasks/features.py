@@ -20,8 +20,9 @@ from clips4.config import PipelineConfig
 from clips4.data.io import read_image
 from clips4.data.prepare import resize_square
 from clips4.device import resolve_device
-from clips4.maskclip import extract_dense, prompt_templates, text_embeddings
+from clips4.maskclip import DenseFeatures, extract_dense, prompt_templates, text_embeddings
 from clips4.progress import track
+from clips4.training import normalize_images, to_unit_images
 from storage import ArtifactFiles, Store
 from tasks.common import StageResult, run_stage, stage_key
 from tasks.readers import CLASSES, TEACHER_INFO, DataArtifact, FeaturesArtifact, load_teacher
@@ -33,9 +34,12 @@ def _teacher(store_root: str, key: str, device: str):
     return load_teacher(Store(store_root).open(key), torch.device(device))
 
 
-def _normalise(images: np.ndarray, mean: tuple, std: tuple) -> torch.Tensor:
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+def teacher_dense(teacher, images: np.ndarray, batch_size: int, device: torch.device, amp: bool,
+                  with_keys: bool) -> DenseFeatures:
+    """MaskCLIP dense features (and keys) of uint8 images [B,H,W,3], normalised as the teacher expects."""
+    cpu = torch.device("cpu")
+    x = normalize_images(to_unit_images(images, cpu), torch.tensor(teacher.mean), torch.tensor(teacher.std))
+    return extract_dense(teacher.model, x, batch_size, device, amp, with_keys)
 
 
 def feature_grid(cfg: PipelineConfig, teacher) -> tuple[int, int, int | None]:
@@ -64,7 +68,7 @@ def features_shard(cfg: PipelineConfig, store_root: str, key: str, upstream: dic
     for start in track(range(0, len(chunk), f.batch_size), f"features {split} shard {shard}", unit="batch"):
         batch = chunk[start : start + f.batch_size]
         images = np.stack([resize_square(read_image(r.image_path), f.resolution) for r in batch])
-        dense = extract_dense(teacher.model, _normalise(images, teacher.mean, teacher.std), f.batch_size, device, f.amp, f.keep_keys)
+        dense = teacher_dense(teacher, images, f.batch_size, device, f.amp, f.keep_keys)
         lo = shard * f.shard_size + start
         feats[lo : lo + len(batch)] = dense.features.numpy().astype(f.dtype)
         if keys is not None:

@@ -35,7 +35,7 @@ def load_segmenter(store: Store, checkpoint: str | None, device: str = "auto", s
     key = resolve_train_key(store, checkpoint)
     dev = resolve_device(device)
     model, info = TrainArtifact.open(store, key).student(dev)
-    teacher_key = next((m.key for m in store.lineage(key) if m.kind == "teacher"), None)
+    teacher_key = store.ancestor(key, "teacher")
     if teacher_key is None:
         raise StoreError(f"the teacher that {key} was trained against is not in {store.root}; its text tower names classes")
     teacher = load_teacher(store.open(teacher_key), dev)
@@ -75,7 +75,9 @@ def export_split(store: Store, split: str, out: Path, checkpoint: str | None = N
                  batch_size: int = 8, scale: float = 1.0) -> int:
     """Masks of every image of a dataset split, with the dataset's class names (held-out ones included)."""
     segmenter, key = load_segmenter(store, checkpoint, device, scale)
-    data_key = next(m.key for m in store.lineage(key) if m.kind == "data")
+    data_key = store.ancestor(key, "data")
+    if data_key is None:
+        raise StoreError(f"the data artifact that {key} was trained on is not in {store.root}; rerun the data stage")
     data = DataArtifact.open(store, data_key)
     records = data.records(split)
     if not records:

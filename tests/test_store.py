@@ -98,6 +98,7 @@ def test_remove_refuses_downstream_and_cascades(tmp_path) -> None:
     st.produce("data", a, lambda f: None, config={}, upstream=[])
     st.produce("teacher", b, lambda f: None, config={}, upstream=[a])
     assert [m.key for m in st.lineage(b)] == [b, a]
+    assert st.ancestor(b, "data") == a and st.ancestor(b, "teacher") == b and st.ancestor(b, "train") is None
     with pytest.raises(StoreError, match="--cascade"):
         st.remove(a)
     assert set(st.remove(a, cascade=True)) == {a, b}
