@@ -12,11 +12,12 @@ when faiss has GPU support), the update is the re-normalised mean, so 100k x 512
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
-import scipy.sparse
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -119,14 +120,17 @@ def spherical_kmeans(
         free = kmeans_pp_seeds(train, fixed, k, rng)
     nearest = NearestCentre(dim, use_gpu)
     previous = None
+    converged = False
     for _ in range(iterations):
         sim, assignment = nearest(train, np.concatenate([fixed, free]))
         if previous is not None and np.array_equal(assignment, previous):
+            converged = True
             break
         previous = assignment
         free = update_free_centres(train, sim, assignment, len(fixed), free)
     centroids = np.concatenate([fixed, free])
-    sim, assignment = nearest(x, centroids)
+    if not (converged and train is x):  # else the last search already assigned every point to these centres
+        sim, assignment = nearest(x, centroids)
     return KMeansResult(
         centroids=centroids,
         assignment=assignment.astype(np.int64),
@@ -176,12 +180,13 @@ def update_free_centres(
     k, dim = free.shape
     if k == 0:
         return free
-    mine = assignment >= num_fixed
-    rows = assignment[mine] - num_fixed
-    one_hot = scipy.sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, np.flatnonzero(mine))),
-                                      shape=(k, len(x)))
-    sums = np.asarray(one_hot @ x, dtype=np.float32)
-    counts = np.bincount(rows, minlength=k)
+    # Fixed centres go to a scratch row k; torch's index_add_ runs on every core where a sparse product runs on one.
+    rows = torch.from_numpy(np.where(assignment >= num_fixed, assignment - num_fixed, k))
+    with warnings.catch_warnings():  # x may be a read-only view of stored features; it is only read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        points = torch.from_numpy(x)
+    sums = torch.zeros(k + 1, dim).index_add_(0, rows, points)[:k].numpy()
+    counts = np.bincount(rows.numpy(), minlength=k + 1)[:k]
     empty = np.flatnonzero(counts == 0)
     if len(empty):
         sums[empty] = x[np.argsort(sim, kind="stable")[: len(empty)]]
