@@ -47,6 +47,16 @@ def test_free_centres_find_the_unknown_blobs():
     assert (result.assignment[labels >= 4] >= 4).all()
 
 
+@pytest.mark.parametrize("iterations", [1, 50])  # stopped by the limit / converged (its last search is reused)
+def test_the_result_describes_its_own_centres(iterations):
+    x, _, means = blob_data(6, 50, spread=0.4)
+    result = spherical_kmeans(x, k=3, iterations=iterations, seed=0, fixed=means[:2])
+    similarity = x @ result.centroids.T
+    np.testing.assert_array_equal(result.assignment, similarity.argmax(axis=1))
+    np.testing.assert_array_equal(result.sizes, np.bincount(result.assignment, minlength=5))
+    assert result.inertia == pytest.approx(float((1.0 - similarity.max(axis=1)).sum()), rel=1e-4)
+
+
 def test_closing_the_modality_gap_lets_text_centres_win_their_blobs():
     """Image blobs displaced from their class texts by one common offset (CLIP's modality gap): raw, the free
     centres take every blob; moved across the gap, known blobs go to their texts and unknown ones to free centres."""
