@@ -282,6 +282,13 @@ class EvaluateConfig(Section):
         "embeds it. Above 1 small things get more pixels. When not 1 the table adds `maskclip@<scale>x`, MaskCLIP "
         "on the same enlarged images, so the comparison at equal input stays in view.",
     )
+    recentre_gap: bool = Field(
+        True,
+        description="Language task: before the student's embeddings meet the class texts, move them by the mean text "
+        "embedding of the classes named now minus that of the known classes it was trained towards (the modality "
+        "gap re-centred on the test-time class set; zero when only known classes are named). Only for students "
+        "trained with train.emb_space 'text'. False scores them as trained.",
+    )
     batch_size: int = volatile(16, "Images per forward pass.")
     device: str = volatile("auto", "'auto', 'cpu' or 'cuda[:i]'.")
 

@@ -39,6 +39,7 @@ class Segmenter:
     mean: Sequence[float]
     std: Sequence[float]
     device: torch.device
+    trained_centre: torch.Tensor | None = None  # see clips4.evaluation.language_logits
 
     @torch.no_grad()
     def class_embeddings(self, synonyms: list[list[str]]) -> torch.Tensor:
@@ -53,5 +54,5 @@ class Segmenter:
             squares = np.stack([resize_square(im, self.input_size) for im in batch])
             emb = embed_images(self.student, squares, tuple(self.mean), tuple(self.std), self.device, batch_size)
             for e, im in zip(emb, batch):
-                out.append(predict_language(e[None].to(self.device), text, im.shape[:2])[0].cpu().numpy())
+                out.append(predict_language(e[None].to(self.device), text, im.shape[:2], self.trained_centre)[0].cpu().numpy())
         return out

@@ -9,6 +9,7 @@ from typing import Any
 
 from clips4.config import STAGES, PipelineConfig, to_yaml
 from storage import ArtifactFiles, Store, make_key
+from tasks.readers import CONFIG
 
 # Bump a stage's number when what it writes changes shape or meaning: old artifacts then stop matching.
 FORMAT_VERSION: dict[str, int] = {
@@ -89,7 +90,7 @@ def run_stage(
     section = cfg.stage(stage)
 
     def build_with_config(files: ArtifactFiles) -> dict[str, Any] | None:
-        files.file("config.yaml").write_text(to_yaml(section))
+        files.file(CONFIG).write_text(to_yaml(section))
         return build(files)
 
     start = time.time()

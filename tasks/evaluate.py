@@ -22,7 +22,8 @@ from clips4.data.prepare import resize_square
 from clips4.data.records import Record
 from clips4.device import resolve_device
 from clips4.evaluation import (
-    cosine_logits,
+    cone_shift,
+    language_logits,
     resize_labels,
     score_classifier,
     train_linear_probe,
@@ -37,7 +38,7 @@ from clips4.visualize import embedding_comparison, overlay_grid
 from storage import ArtifactFiles, Store, StoreError
 from tasks.common import StageResult, run_stage
 from tasks.features import teacher_dense
-from tasks.readers import PROTOTYPES, DataArtifact, FeaturesArtifact, TrainArtifact, load_teacher
+from tasks.readers import DataArtifact, FeaturesArtifact, TrainArtifact, load_teacher
 from tasks.report import publish_metrics
 
 Embedder = Callable[[list[int]], torch.Tensor]
@@ -116,9 +117,14 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
     teacher_feats, teacher_keys = feats.features(e.split), feats.keys(e.split)
     shutil.rmtree(files.file(CACHE), ignore_errors=True)  # never trust a cache a killed run left behind
     embedders: dict[str, Embedder] = {"maskclip": array_embedder(teacher_feats)}
+    trained = TrainArtifact.open(store, upstream["train"]) if "train" in upstream else None
+    gap = trained.gap() if trained is not None else None
+    centre = trained.text_centre() if trained is not None and e.recentre_gap else None
+    # Language scores per method; only the student was trained towards the known classes' text cone.
+    classify = {"clips4": partial(language_logits, weights=text, trained_centre=centre)}
     train_embedders: dict[str, Embedder] = {"maskclip": array_embedder(feats.features("train"))} if "train" in data.splits else {}
-    if "train" in upstream:
-        model, info = TrainArtifact.open(store, upstream["train"]).student(device)
+    if trained is not None:
+        model, info = trained.student(device)
         student, size = student_embedder(model, info, device, e.batch_size), scaled_size(info["input_size"], e.test_scale)
         embedders["clips4"] = array_embedder(cache_embeddings(files, e.split, student, size, records, e.batch_size))
         if train_embedders and "probe" in e.tasks:
@@ -139,11 +145,12 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
         rows.extend(_rows(method, task_name, scores))
         per_class.append(_per_class(method, task_name, scores, classes.names, classes.held_out))
 
-    language = partial(cosine_logits, weights=text)
+    language = partial(language_logits, weights=text)
     for method, embed in embedders.items():
         batches = SplitBatches(records, embed, data.label_reader(cfg.data))
         if "language" in e.tasks:
-            record(method, "language", score_classifier(batches, language, classes.num_classes, device, held)[0])
+            scored = score_classifier(batches, classify.get(method, language), classes.num_classes, device, held)
+            record(method, "language", scored[0])
         if "unsupervised" in e.tasks:
             record(method, "unsupervised", unsupervised_segmentation(batches, classes.num_classes, device, e.seed).scores)
         if "probe" in e.tasks and method in train_embedders:
@@ -152,17 +159,18 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
         kspd = _maskclip_kspd(teacher_feats, teacher_keys, text)
         batches = SplitBatches(records, kspd, data.label_reader(cfg.data))
         record("maskclip+kspd", "language", score_classifier(batches, lambda s: s, classes.num_classes, device, held)[0])
-    gap = _training_gap(cfg, store, upstream)
     if "language" in e.tasks and gap is not None:
-        # The same correction the student was trained with, applied to the teacher: what calibration alone gives.
-        moved = lambda idx: move_across_gap(embedders["maskclip"](idx), gap)  # noqa: E731
+        # The correction the student was trained with, applied to the teacher: what calibration alone gives (with
+        # the gap re-centred on the classes named now, as the student's embeddings are).
+        offset = gap if centre is None else gap + cone_shift(text, centre).cpu()
+        moved = lambda idx: move_across_gap(embedders["maskclip"](idx), offset)  # noqa: E731
         batches = SplitBatches(records, moved, data.label_reader(cfg.data))
         record("maskclip+gap", "language", score_classifier(batches, language, classes.num_classes, device, held)[0])
 
     metrics = pd.DataFrame(rows, columns=["method", "task", "metric", "value"])
     files.write_table("metrics", metrics, also=("csv", "md"))
     files.write_table("per_class", pd.concat(per_class, ignore_index=True), also=("csv",))
-    _pictures(cfg, files, data, records, embedders, text)
+    _pictures(cfg, files, data, records, embedders, {m: classify.get(m, language) for m in embedders}, device)
     shutil.rmtree(files.file(CACHE), ignore_errors=True)
     publish_metrics(cfg, metrics)
     return {
@@ -178,13 +186,6 @@ def _teacher_key(store: Store, features_key: str) -> str:
         raise StoreError(f"the teacher of {features_key} is not in {store.root}; evaluate.test_scale != 1 runs it "
                          "again on the enlarged images: rerun the teacher stage or set evaluate.test_scale=1")
     return key
-
-
-def _training_gap(cfg: PipelineConfig, store: Store, upstream: dict[str, str]) -> torch.Tensor | None:
-    """The modality-gap offset the student's L_emb targets were moved by, or None (no student, or image-side)."""
-    if "train" not in upstream or cfg.train.emb_space != "text":
-        return None
-    return TrainArtifact.open(store, upstream["train"]).files.load_tensors(PROTOTYPES).get("gap")
 
 
 def _maskclip_kspd(features, keys, text: torch.Tensor) -> Embedder:
@@ -212,7 +213,8 @@ def _probe_scores(cfg: PipelineConfig, data: DataArtifact, embed: Embedder, val_
         return score_classifier(val_batches, probe, data.classes.num_classes, device)[0]
 
 
-def _pictures(cfg, files: ArtifactFiles, data: DataArtifact, records, embedders: dict[str, Embedder], text) -> None:
+def _pictures(cfg, files: ArtifactFiles, data: DataArtifact, records, embedders: dict[str, Embedder],
+              classify: dict[str, Callable[[torch.Tensor], torch.Tensor]], device: torch.device) -> None:
     n = min(cfg.evaluate.num_pictures, len(records))
     if n == 0:
         return
@@ -222,7 +224,7 @@ def _pictures(cfg, files: ArtifactFiles, data: DataArtifact, records, embedders:
     preds = {}
     for method, embed in embedders.items():
         preds[method] = [
-            upsample_argmax(cosine_logits(embed([i]).to(text.device), text), labels[i].shape)[0].cpu().numpy()
+            upsample_argmax(classify[method](embed([i]).to(device)), labels[i].shape)[0].cpu().numpy()
             for i in range(n)
         ]
     overlay_grid(images, labels, preds, data.classes.names, data.classes.palette, files.file("overlays.png"))

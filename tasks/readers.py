@@ -18,6 +18,7 @@ from clips4.config import DataConfig
 from clips4.data.records import ClassInfo, Record
 from storage import ArtifactFiles, Store
 
+CONFIG = "config.yaml"  # every artifact's own config section, written by tasks.common.run_stage
 RECORDS = "records"
 CLASSES = "classes.json"
 REPORT = "report.json"
@@ -165,3 +166,18 @@ class TrainArtifact(StoredArtifact):
         from clips4.training import load_student
 
         return load_student(self.files.file(STUDENT), device), self.info
+
+    def gap(self) -> torch.Tensor | None:
+        """The modality-gap offset [D] the student's L_emb targets were moved by, or None when it was trained
+        against CLIP's image features as they are (``train.emb_space: image``, or clustered without the gap)."""
+        gap = self.files.load_tensors(PROTOTYPES).get("gap")
+        if self.files.read_yaml(CONFIG).get("emb_space") != "text" or gap is None or not bool(gap.any()):
+            return None
+        return gap.float()
+
+    def text_centre(self) -> torch.Tensor | None:
+        """Centre [D] of the text cone the student was trained towards (the mean known-class text embedding, whose
+        offset from the image features is the gap), or None with no gap; see clips4.evaluation.language_logits."""
+        if self.gap() is None:
+            return None
+        return self.files.load_tensors(PROTOTYPES)["known"].float().mean(0)

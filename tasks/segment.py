@@ -34,12 +34,14 @@ def load_segmenter(store: Store, checkpoint: str | None, device: str = "auto", s
     student's training input size (the evaluate stage's ``test_scale``)."""
     key = resolve_train_key(store, checkpoint)
     dev = resolve_device(device)
-    model, info = TrainArtifact.open(store, key).student(dev)
+    trained = TrainArtifact.open(store, key)
+    model, info = trained.student(dev)
     teacher_key = store.ancestor(key, "teacher")
     if teacher_key is None:
         raise StoreError(f"the teacher that {key} was trained against is not in {store.root}; its text tower names classes")
     teacher = load_teacher(store.open(teacher_key), dev)
-    return Segmenter(model, teacher, scaled_size(info["input_size"], scale), info["mean"], info["std"], dev), key
+    size = scaled_size(info["input_size"], scale)
+    return Segmenter(model, teacher, size, info["mean"], info["std"], dev, trained.text_centre()), key
 
 
 def write_masks(out: Path, stem: str, image: np.ndarray, label: np.ndarray, palette: np.ndarray) -> None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from clips4.evaluation import (
     cosine_logits,
+    language_logits,
     predict_language,
     resize_labels,
     score_classifier,
@@ -49,6 +50,20 @@ def test_predict_language_recovers_the_class_map_at_label_size():
     assert pred.dtype == torch.int64 and pred.shape == labels.shape
     valid = labels != 255
     assert torch.equal(pred[valid], labels[valid].long())
+
+
+def test_recentring_on_the_named_classes_frees_a_held_out_class_from_the_known_cone():
+    e = torch.eye(4)
+    known, held = e[:2], e[2:3]
+    centre = known.mean(0)  # the cone the student was trained towards
+    # A held-out pixel (CLIP sees e2) whose embedding was pulled towards the known classes' centre.
+    emb = F.normalize(0.4 * e[2] + centre, dim=0).view(1, 4, 1, 1)
+    named = torch.cat([known, held])
+    assert cosine_logits(emb, named).argmax(1).item() == 0  # as trained: a known class wins
+    assert language_logits(emb, named, trained_centre=centre).argmax(1).item() == 2  # re-centred: the held-out one
+    # Naming only the training classes moves nothing.
+    torch.testing.assert_close(language_logits(emb, known, trained_centre=centre), cosine_logits(emb, known))
+    torch.testing.assert_close(language_logits(emb, named), cosine_logits(emb, named))
 
 
 def test_upsampling_keeps_dropped_classes_out():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from clips4.config import STAGES, resolve_config
 from flows.pipeline import PipelineError, execute
@@ -40,6 +41,19 @@ def test_pipeline_end_to_end_reuse_and_invalidation(tmp_path, run) -> None:
     assert {"language", "unsupervised", "probe"} <= set(metrics["task"])
     assert metrics["value"].notna().all()
     assert store.open(first["evaluate"].key).has("overlays.png")
+
+    # The student was trained towards the known classes' text cone; the evaluate stage re-centres it on the classes
+    # it names (settable, and only the evaluate stage depends on it).
+    from tasks.readers import TrainArtifact
+
+    trained = TrainArtifact.open(store, first["train"].key)
+    known = store.open(first["cluster"].key).load_tensors("prototypes.safetensors")["known"]
+    assert trained.gap() is not None
+    torch.testing.assert_close(trained.text_centre(), known.mean(0))
+    plain = run(["evaluate.recentre_gap=false"])
+    assert [s for s, r in plain.items() if not r.reused] == ["evaluate"]
+    image_side = run(["train.emb_space=image"])
+    assert TrainArtifact.open(store, image_side["train"].key).text_centre() is None
 
     again = run()
     assert all(r.reused for r in again.values())
