@@ -54,5 +54,6 @@ class Segmenter:
             squares = np.stack([resize_square(im, self.input_size) for im in batch])
             emb = embed_images(self.student, squares, tuple(self.mean), tuple(self.std), self.device, batch_size)
             for e, im in zip(emb, batch):
-                out.append(predict_language(e[None].to(self.device), text, im.shape[:2], self.trained_centre)[0].cpu().numpy())
+                label = predict_language(e[None].to(self.device), text, im.shape[:2], self.trained_centre)
+                out.append(label[0].cpu().numpy())
         return out

@@ -167,10 +167,15 @@ class TrainArtifact(StoredArtifact):
 
         return load_student(self.files.file(STUDENT), device), self.info
 
+    @cached_property
+    def prototypes(self) -> dict[str, torch.Tensor]:
+        """``known`` and ``unknown`` target embeddings at the end of training, and the ``gap`` they were moved by."""
+        return self.files.load_tensors(PROTOTYPES)
+
     def gap(self) -> torch.Tensor | None:
         """The modality-gap offset [D] the student's L_emb targets were moved by, or None when it was trained
         against CLIP's image features as they are (``train.emb_space: image``, or clustered without the gap)."""
-        gap = self.files.load_tensors(PROTOTYPES).get("gap")
+        gap = self.prototypes.get("gap")
         if self.files.read_yaml(CONFIG).get("emb_space") != "text" or gap is None or not bool(gap.any()):
             return None
         return gap.float()
@@ -180,4 +185,4 @@ class TrainArtifact(StoredArtifact):
         offset from the image features is the gap), or None with no gap; see clips4.evaluation.language_logits."""
         if self.gap() is None:
             return None
-        return self.files.load_tensors(PROTOTYPES)["known"].float().mean(0)
+        return self.prototypes["known"].float().mean(0)
