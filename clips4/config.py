@@ -273,7 +273,9 @@ class EvaluateConfig(Section):
         default_factory=lambda: ["language", "unsupervised", "probe"], description="Tasks to run."
     )
     probe_epochs: int = Field(20, ge=1, description="Linear-probe epochs on the train split.")
-    probe_lr: float = Field(0.05, gt=0, description="Linear-probe learning rate.")
+    probe_lr: float = Field(
+        0.2, gt=0, description="Linear-probe learning rate (SGD on channels standardised with the train split's moments)."
+    )
     seed: int = Field(0, description="Seed for k-means and the probe.")
     num_pictures: int = Field(6, ge=0, description="Images drawn in the overlay pictures.")
     test_scale: float = Field(

@@ -192,15 +192,19 @@ def train_linear_probe(
 
     ``train_emb`` [N,D,h,w] (any float dtype, may stay on the CPU) and ``train_labels`` [N,h,w] at the same
     resolution (downsample full labels with :func:`resize_labels`, nearest). Mini-batches of ``batch_size`` images
-    are moved to ``device`` and used as given (unit length by construction, as at scoring time). SGD with momentum
-    0.9 and a cosine-decayed ``lr``; zero-initialised, so the convex problem has a seed-independent start and
-    ``seed`` only orders the batches.
+    are moved to ``device``. The probe learns on channels standardised with the train split's own mean and
+    standard deviation, folded into the returned conv afterwards (it still reads the raw embeddings): unit-length
+    embeddings of a few hundred dims have per-channel spreads near 1/sqrt(D), on which plain SGD moves the logits
+    so slowly that a few epochs end far from the optimum, and the score would measure the optimiser rather than the
+    embeddings. SGD with momentum 0.9 and a cosine-decayed ``lr``; zero-initialised, so the convex problem has a
+    seed-independent start and ``seed`` only orders the batches.
     """
     if train_emb.ndim != 4 or train_labels.shape != (train_emb.shape[0], *train_emb.shape[2:]):
         raise ValueError(
             f"train_emb must be [N,D,h,w] and train_labels [N,h,w] at the same resolution, got "
             f"{tuple(train_emb.shape)} and {tuple(train_labels.shape)}; use resize_labels"
         )
+    mean, std = channel_moments(train_emb, device)
     probe = nn.Conv2d(train_emb.shape[1], num_classes, kernel_size=1).to(device)
     nn.init.zeros_(probe.weight)
     nn.init.zeros_(probe.bias)
@@ -213,9 +217,30 @@ def train_linear_probe(
             labels = train_labels[idx].to(device).long()
             if not (labels != ignore_index).any():
                 continue
-            loss = F.cross_entropy(probe(train_emb[idx].to(device).float()), labels, ignore_index=ignore_index)
+            standard = (train_emb[idx].to(device).float() - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+            loss = F.cross_entropy(probe(standard), labels, ignore_index=ignore_index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
+    with torch.no_grad():  # w . (x - mean) / std + b  ==  (w / std) . x + (b - w . mean / std)
+        weight = probe.weight / std.view(1, -1, 1, 1)
+        probe.bias -= (weight.flatten(1) * mean).sum(1)
+        probe.weight.copy_(weight)
     return probe.eval()
+
+
+def channel_moments(emb: torch.Tensor, device: torch.device, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation [D] over all pixels of ``emb`` [N,D,h,w], accumulated in float64 a
+    chunk of images at a time (the split may be float16 on the CPU); constant channels get a spread of 1."""
+    total = torch.zeros(emb.shape[1], dtype=torch.float64, device=device)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(emb), chunk):
+        x = emb[start : start + chunk].to(device).double()
+        total += x.sum((0, 2, 3))
+        squares += (x * x).sum((0, 2, 3))
+    count = emb.shape[0] * emb.shape[2] * emb.shape[3]
+    mean = total / count
+    std = (squares / count - mean**2).clamp(min=0).sqrt()
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    return mean.float(), std.float()

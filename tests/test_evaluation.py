@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from clips4.evaluation import (
+    channel_moments,
     cosine_logits,
     language_logits,
     predict_language,
@@ -112,6 +113,30 @@ def test_linear_probe_learns_a_separable_toy_problem():
     assert scores["mIoU"] > 0.95
     with pytest.raises(ValueError, match="resize_labels"):
         train_linear_probe(train_emb, train_labels, K, 1, 0.1, 0, CPU)
+
+
+def test_probe_learns_on_standardised_channels_whatever_the_embedding_scale():
+    """A spread of 1/1000 around an offset is the same problem for the probe: it standardises with the train
+    split's moments, so the folded conv on the raw embeddings predicts the same classes."""
+    train_emb, train_labels, _ = toy_split(3, images=12, noise=0.2)
+    train_labels = resize_labels(train_labels, (8, 8))
+    val_emb, val_labels, _ = toy_split(4, images=6, noise=0.2)
+    squeezed = lambda x: 0.001 * x.float() + 0.5  # noqa: E731
+    scores = []
+    for transform in (lambda x: x.float(), squeezed):
+        probe = train_linear_probe(transform(train_emb), train_labels, K, epochs=2, lr=0.2, seed=0, device=CPU,
+                                   batch_size=4)
+        scores.append(score_classifier([(transform(val_emb), val_labels)], probe, K, CPU)[0]["mIoU"])
+    assert scores[0] > 0.95 and abs(scores[0] - scores[1]) < 1e-6
+
+
+def test_channel_moments_over_all_pixels_in_chunks():
+    emb = torch.randn(5, 3, 4, 2, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.0]).view(1, 3, 1, 1)
+    mean, std = channel_moments(emb.half(), CPU, chunk=2)
+    flat = emb.half().double().permute(1, 0, 2, 3).flatten(1)
+    torch.testing.assert_close(mean, flat.mean(1).float())
+    torch.testing.assert_close(std[:2], flat[:2].std(1, unbiased=False).float(), rtol=1e-4, atol=1e-5)
+    assert std[2] == 1.0  # a constant channel keeps its (zero) standardised value instead of dividing by zero
 
 
 def test_probe_skips_batches_with_only_ignored_pixels():
