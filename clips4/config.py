@@ -216,6 +216,16 @@ class TrainConfig(Section):
     head_lr_mult: float = Field(10.0, gt=0, description="Head learning-rate multiplier (ResNet students).")
     weight_decay: float = Field(1e-4, ge=0, description="Weight decay.")
     kappa: float = Field(16.0, gt=0, description="Concentration of the pixel-segment contrastive loss.")
+    contrast_targets: Literal["regions", "teacher"] = Field(
+        "regions",
+        description="L_contrast's targets over a pixel's segments: 'regions' = the segments of its region in either "
+        "view are the positives, every other segment a negative (METHOD.md §2); 'teacher' = the teacher's own "
+        "softmax over the same segments (its pixel feature against their pooled CLIP features, concentration "
+        "kappa_teacher), so only segments the teacher tells apart are pushed apart.",
+    )
+    kappa_teacher: float = Field(
+        32.0, gt=0, description="Concentration of the teacher's softmax when train.contrast_targets is 'teacher'."
+    )
     tau: float = Field(0.07, gt=0, description="Temperature of the semantic-consistency softmax.")
     lambda_contrast: float = Field(1.0, ge=0, description="Weight of L_contrast (0 turns it off).")
     lambda_emb: float = Field(1.0, ge=0, description="Weight of L_emb (0 turns it off).")

@@ -84,6 +84,24 @@ def pixel_segment_contrastive(z: torch.Tensor, seg: torch.Tensor, seg_emb: torch
     return _PixelSegmentNCE.apply(z, seg_emb, float(kappa), (rows, seg[rows]), cand.clamp(min=0), positive).mean()
 
 
+def relational_contrastive(z: torch.Tensor, seg_emb: torch.Tensor, clip_pix: torch.Tensor, clip_seg: torch.Tensor,
+                           kappa: float, kappa_teacher: float) -> torch.Tensor:
+    """Mean over pixels of CE(softmax_s(kappa_t <c_p, u_s>), softmax_s(kappa <z_p, v_s>)).
+
+    The pixel-segment contrast with the teacher's relations as its targets: `clip_pix` [N,D] the CLIP feature at
+    each pixel and `clip_seg` [S,D] CLIP pooled over each segment (both unit, constant). Segments the teacher finds
+    alike share a pixel's probability mass instead of being pushed apart as negatives, so superpixels of one stuff
+    stay together while two things the teacher tells apart are separated.
+    """
+    if z.shape[0] != clip_pix.shape[0] or seg_emb.shape[0] != clip_seg.shape[0]:
+        raise ValueError(f"relational contrast: z {tuple(z.shape)} / clip_pix {tuple(clip_pix.shape)} and seg_emb "
+                         f"{tuple(seg_emb.shape)} / clip_seg {tuple(clip_seg.shape)} must agree in length")
+    with torch.no_grad():
+        target = torch.softmax(kappa_teacher * clip_pix.float() @ clip_seg.float().T, dim=1)
+    log_p = torch.log_softmax(kappa * z.float() @ seg_emb.float().T, dim=1)
+    return -(target * log_p).sum(1).mean()
+
+
 def embedding_consistency(seg_emb: torch.Tensor, clip_seg: torch.Tensor) -> torch.Tensor:
     """mean_s (1 - <v_s, u_s>): student segments toward the (constant) CLIP segment embeddings."""
     return (1 - (seg_emb * clip_seg.detach()).sum(1)).mean()

@@ -30,7 +30,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.ops import roi_align
 
 from clips4.config import TrainConfig
-from clips4.losses import embedding_consistency, pixel_segment_contrastive, segment_means, semantic_consistency
+from clips4.losses import (
+    embedding_consistency,
+    pixel_segment_contrastive,
+    relational_contrastive,
+    segment_means,
+    semantic_consistency,
+)
 from clips4.progress import track
 from clips4.prototypes import spherical_kmeans
 from clips4.segments import segment_views
@@ -280,7 +286,12 @@ def step_losses(
     if "contrast" in weights:
         # A random subset of pixels is an unbiased estimate of the mean over pixels at a fraction of the N x S cost.
         keep = contrast_subset(len(seg), cfg.contrast_pixels, generator, device)
-        losses["contrast"] = pixel_segment_contrastive(z_pix[keep], seg[keep], v, segments.region, cfg.kappa)
+        if cfg.contrast_targets == "teacher":
+            clip_pix = move_across_gap(view_clip.permute(0, 2, 3, 1)[valid][keep], gap)
+            losses["contrast"] = relational_contrastive(z_pix[keep], v, clip_pix, u_text_side, cfg.kappa,
+                                                        cfg.kappa_teacher)
+        else:
+            losses["contrast"] = pixel_segment_contrastive(z_pix[keep], seg[keep], v, segments.region, cfg.kappa)
     if "emb" in weights and cfg.emb_pooling != "patches":
         per_segment = embedding_consistency(v, u if emb_gap is None else u_text_side)
         losses["emb"] = (losses["emb"] + per_segment) / 2 if "emb" in losses else per_segment

@@ -8,6 +8,7 @@ from clips4.losses import (
     embedding_consistency,
     pixel_segment_contrastive,
     positive_candidates,
+    relational_contrastive,
     segment_means,
     semantic_consistency,
 )
@@ -102,6 +103,24 @@ def test_contrastive_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match="agree in length"):
         pixel_segment_contrastive(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long), torch.zeros(2, 2),
                                   torch.zeros(2, dtype=torch.long), 1.0)
+
+
+def test_relational_contrast_is_least_when_the_student_keeps_the_teachers_relations():
+    """CE(q, p) >= H(q), equal when the student's softmax is the teacher's; swapping two segments raises it."""
+    torch.manual_seed(0)
+    clip_seg = F.normalize(torch.randn(6, 8), dim=1)
+    clip_pix = F.normalize(clip_seg[torch.tensor([0, 1, 2, 3, 4, 5, 0, 2])] + 0.3 * torch.randn(8, 8), dim=1)
+    q = torch.softmax(20.0 * clip_pix @ clip_seg.T, dim=1)
+    entropy = -(q * q.log()).sum(1).mean()
+    z, v = clip_pix.clone().requires_grad_(), clip_seg.clone().requires_grad_()
+    same = relational_contrastive(z, v, clip_pix, clip_seg, kappa=20.0, kappa_teacher=20.0)
+    assert same.item() == pytest.approx(entropy.item(), rel=1e-5)
+    same.backward()
+    assert z.grad.abs().max() < 1e-5 and v.grad.abs().max() < 1e-5  # a minimum
+    swapped = relational_contrastive(clip_pix, clip_seg[[1, 0, 2, 3, 4, 5]], clip_pix, clip_seg, 20.0, 20.0)
+    assert swapped.item() > entropy.item() + 0.1
+    with pytest.raises(ValueError, match="agree in length"):
+        relational_contrastive(z[:3], v, clip_pix, clip_seg, 1.0, 1.0)
 
 
 def test_embedding_consistency():

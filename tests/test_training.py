@@ -344,3 +344,26 @@ def test_both_poolings_average_the_patch_and_segment_terms(tmp_path, monkeypatch
     result = run(tmp_path, steps=1, lambda_contrast=0.0, lambda_sem=0.0, emb_pooling="both")
     emb = result.losses[result.losses["component"] == "emb"]["value"]
     np.testing.assert_allclose(emb, [0.4], rtol=1e-6)
+
+
+def test_teacher_contrast_targets_are_the_teachers_pixels_and_segments_across_the_gap(tmp_path, monkeypatch):
+    """contrast_targets=teacher replaces the region positives by the teacher's pixel-to-segment relations: the
+    teacher side is the CLIP map at the same pixels and pooled over the same segments, both moved across the gap."""
+    monkeypatch.setattr(training, "pixel_segment_contrastive", lambda *a, **k: pytest.fail("region targets used"))
+    seen = []
+    real = training.relational_contrastive
+
+    def spy(z, seg_emb, clip_pix, clip_seg, kappa, kappa_teacher):
+        seen.append((z.shape, seg_emb.shape, clip_pix.detach().clone(), clip_seg.detach().clone(), kappa_teacher))
+        return real(z, seg_emb, clip_pix, clip_seg, kappa, kappa_teacher)
+
+    monkeypatch.setattr(training, "relational_contrastive", spy)
+    gap = np.zeros(DIM, np.float32)
+    gap[0] = 3.0
+    cfg = tiny_cfg(steps=2, contrast_targets="teacher", kappa_teacher=8.0, contrast_pixels=50)
+    result = train_student(TrainData(**tiny_arrays(), gap=gap), cfg, MEAN_STD, tmp_path, CPU)
+    assert len(seen) == 2 and np.isfinite(result.losses["value"]).all()
+    z_shape, seg_shape, clip_pix, clip_seg, kappa_teacher = seen[0]
+    assert clip_pix.shape == (50, DIM) == z_shape and clip_seg.shape == seg_shape and kappa_teacher == 8.0
+    torch.testing.assert_close(clip_pix.norm(dim=1), torch.ones(50))
+    assert clip_pix[:, 0].min() > 0.9 and clip_seg[:, 0].min() > 0.9  # moved across the gap
