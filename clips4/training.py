@@ -280,16 +280,16 @@ def step_losses(
     seg = segments.ids[valid]
     z_pix = z.permute(0, 2, 3, 1)[valid]
     v = segment_means(z_pix, seg, segments.num)
-    u = segment_means(view_clip.permute(0, 2, 3, 1)[valid], seg, segments.num)
+    clip_pix = view_clip.permute(0, 2, 3, 1)[valid]
+    u = segment_means(clip_pix, seg, segments.num)
     u_text_side = move_across_gap(u, gap)
 
     if "contrast" in weights:
         # A random subset of pixels is an unbiased estimate of the mean over pixels at a fraction of the N x S cost.
         keep = contrast_subset(len(seg), cfg.contrast_pixels, generator, device)
         if cfg.contrast_targets == "teacher":
-            clip_pix = move_across_gap(view_clip.permute(0, 2, 3, 1)[valid][keep], gap)
-            losses["contrast"] = relational_contrastive(z_pix[keep], v, clip_pix, u_text_side, cfg.kappa,
-                                                        cfg.kappa_teacher)
+            losses["contrast"] = relational_contrastive(z_pix[keep], v, move_across_gap(clip_pix[keep], gap),
+                                                        u_text_side, cfg.kappa, cfg.kappa_teacher)
         else:
             losses["contrast"] = pixel_segment_contrastive(z_pix[keep], seg[keep], v, segments.region, cfg.kappa)
     if "emb" in weights and cfg.emb_pooling != "patches":
