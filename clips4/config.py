@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -288,11 +288,13 @@ class EvaluateConfig(Section):
     )
     seed: int = Field(0, description="Seed for k-means and the probe.")
     num_pictures: int = Field(6, ge=0, description="Images drawn in the overlay pictures.")
-    test_scale: float = Field(
-        1.0, ge=0.25, le=4.0,
-        description="Input scale at test time: each image is resized to round(scale x size) before the student "
-        "embeds it. Above 1 small things get more pixels. When not 1 the table adds `maskclip@<scale>x`, MaskCLIP "
-        "on the same enlarged images, so the comparison at equal input stays in view.",
+    test_scales: list[Annotated[float, Field(ge=0.25, le=4.0)]] = Field(
+        default_factory=lambda: [1.0],
+        min_length=1,
+        description="Input scales at test time: each image is resized to round(scale x size) for every scale, and "
+        "the unit embeddings, resized to the first scale's grid, are averaged. Above 1 small things get more pixels. "
+        "When not [1] the table adds `maskclip@<scales>x`, MaskCLIP on the same scales averaged the same way, so "
+        "the comparison at equal input stays in view.",
     )
     recentre_gap: bool = Field(
         True,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from clips4.data.prepare import resize_square
 from clips4.evaluation import predict_language
@@ -24,9 +25,49 @@ def parse_class_names(text: str) -> list[list[str]]:
     return classes
 
 
+MIN_SCALE, MAX_SCALE = 0.25, 4.0
+
+
 def scaled_size(size: int, scale: float) -> int:
     """The side an image is resized to at test scale ``scale``, for a model run at side ``size`` (at least 1)."""
     return max(1, round(size * scale))
+
+
+def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    """The test scales as a tuple, or a ValueError naming what is wrong with them."""
+    scales = tuple(float(s) for s in scales)
+    if not scales:
+        raise ValueError("give at least one test scale, e.g. 2 (the demo evaluates at 2, 3 and 4)")
+    bad = [s for s in scales if not MIN_SCALE <= s <= MAX_SCALE]
+    if bad:
+        raise ValueError(f"test scales must lie in [{MIN_SCALE:g}, {MAX_SCALE:g}], got {', '.join(f'{s:g}' for s in bad)}")
+    return scales
+
+
+def scales_label(scales: Sequence[float]) -> str:
+    """``(2, 3, 4)`` -> ``"2+3+4x"``: the suffix of a table row embedded at those scales."""
+    return "+".join(f"{s:g}" for s in scales) + "x"
+
+
+def embed_multiscale(embed: Callable[[np.ndarray], torch.Tensor], images: Sequence[np.ndarray], size: int,
+                     scales: Sequence[float]) -> torch.Tensor:
+    """Embeddings float32 [B,D,h,w] of uint8 RGB ``images`` (any sizes), averaged over input scales.
+
+    For each scale s every image is resized to ``scaled_size(size, s)`` and embedded by ``embed`` (uint8
+    [B,S,S,3] -> [B,D,h',w']); the unit embeddings are resized (bilinear) to the first scale's grid, averaged
+    and re-normalised. A small thing that a few pixels of one scale cannot name gets more at a larger one, while
+    the first scale fixes the map's resolution, so the stored embeddings do not grow with the largest scale.
+    """
+    total, grid = None, None
+    for scale in check_scales(scales):
+        side = scaled_size(size, scale)
+        emb = F.normalize(embed(np.stack([resize_square(im, side) for im in images])).float(), dim=1)
+        if grid is None:
+            grid = emb.shape[-2:]
+        elif emb.shape[-2:] != grid:
+            emb = F.interpolate(emb, size=grid, mode="bilinear", align_corners=False)
+        total = emb if total is None else total + emb
+    return F.normalize(total, dim=1)
 
 
 @dataclass
@@ -35,11 +76,20 @@ class Segmenter:
 
     student: torch.nn.Module
     teacher: Teacher
-    input_size: int
+    input_size: int  # the student's training input side; test scales multiply it
     mean: Sequence[float]
     std: Sequence[float]
     device: torch.device
     trained_centre: torch.Tensor | None = None  # see clips4.evaluation.language_logits
+    scales: Sequence[float] = (1.0,)
+
+    def __post_init__(self) -> None:
+        self.scales = check_scales(self.scales)
+
+    def embed(self, images: Sequence[np.ndarray], batch_size: int = 16) -> torch.Tensor:
+        """Student embeddings [B,D,h,w] of uint8 RGB images, averaged over the test scales (:func:`embed_multiscale`)."""
+        student = lambda x: embed_images(self.student, x, tuple(self.mean), tuple(self.std), self.device, batch_size)  # noqa: E731
+        return embed_multiscale(student, images, self.input_size, self.scales)
 
     @torch.no_grad()
     def class_embeddings(self, synonyms: list[list[str]]) -> torch.Tensor:
@@ -51,9 +101,7 @@ class Segmenter:
         out: list[np.ndarray] = []
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
-            squares = np.stack([resize_square(im, self.input_size) for im in batch])
-            emb = embed_images(self.student, squares, tuple(self.mean), tuple(self.std), self.device, batch_size)
-            for e, im in zip(emb, batch):
+            for e, im in zip(self.embed(batch, batch_size), batch):
                 label = predict_language(e[None].to(self.device), text, im.shape[:2], self.trained_centre)
                 out.append(label[0].cpu().numpy())
         return out

@@ -31,7 +31,7 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="A YAM
 CheckpointOpt = Annotated[Optional[str], typer.Option(help="Train artifact key or folder (default: newest).")]
 OutOpt = Annotated[Path, typer.Option(help="Output folder.")]
 DeviceOpt = Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")]
-ScaleOpt = Annotated[float, typer.Option(min=0.25, max=4.0, help="Input scale: images are resized to this multiple of the student's training size (the demo evaluates at 2).")]
+ScaleOpt = Annotated[Optional[list[float]], typer.Option(help="Input scale: images are resized to this multiple of the student's training size; repeat it to average the embeddings over several scales (the demo evaluates at --scale 2 --scale 3 --scale 4). Default 1.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. train.lr=0.02 (repeatable).")]
 
 
@@ -167,7 +167,7 @@ def segment(
     out: OutOpt = Path("masks"),
     device: DeviceOpt = "auto",
     store: StoreOpt = None,
-    scale: ScaleOpt = 1.0,
+    scale: ScaleOpt = None,
 ) -> None:
     """Label maps (palette PNG and raw ids) and overlays for your own images, with any class names."""
     from tasks.segment import segment_files
@@ -176,7 +176,7 @@ def segment(
     if missing:
         fail(f"no such image file(s): {', '.join(missing)}")
     try:
-        written = segment_files(open_store(store), images, classes, out, checkpoint, device, scale=scale)
+        written = segment_files(open_store(store), images, classes, out, checkpoint, device, scales=scale or [1.0])
     except (StoreError, ValueError) as e:
         fail(str(e), code=1)
     console.print(f"wrote masks and overlays of {len(written)} image(s) to {out}")
@@ -189,13 +189,13 @@ def export_masks(
     out: OutOpt = Path("masks"),
     device: DeviceOpt = "auto",
     store: StoreOpt = None,
-    scale: ScaleOpt = 1.0,
+    scale: ScaleOpt = None,
 ) -> None:
     """Masks of a whole dataset split, with the dataset's class names (held-out classes included)."""
     from tasks.segment import export_split
 
     try:
-        count = export_split(open_store(store), split, out, checkpoint, device, scale=scale)
+        count = export_split(open_store(store), split, out, checkpoint, device, scales=scale or [1.0])
     except (StoreError, ValueError) as e:
         fail(str(e), code=1)
     console.print(f"wrote masks of {count} image(s) of split {split} to {out}")

@@ -18,7 +18,6 @@ from prefect import task
 
 from clips4.config import PipelineConfig
 from clips4.data.io import read_image
-from clips4.data.prepare import resize_square
 from clips4.data.records import Record
 from clips4.device import resolve_device
 from clips4.evaluation import (
@@ -30,7 +29,7 @@ from clips4.evaluation import (
     unsupervised_segmentation,
     upsample_argmax,
 )
-from clips4.inference import scaled_size
+from clips4.inference import embed_multiscale, scales_label
 from clips4.maskclip import maskclip_logits
 from clips4.progress import track
 from clips4.training import embed_images, move_across_gap
@@ -65,22 +64,18 @@ def array_embedder(features) -> Embedder:
     return lambda idx: torch.from_numpy(np.asarray(features[idx[0] : idx[-1] + 1])).permute(0, 3, 1, 2).float()
 
 
-def cache_embeddings(files: ArtifactFiles, name: str, embed: Callable[[np.ndarray], torch.Tensor], size: int,
+def cache_embeddings(files: ArtifactFiles, name: str, embed: Callable[[list[np.ndarray]], torch.Tensor],
                      records: list[Record], batch_size: int):
-    """Embed a split once, in batches of images resized to ``size``, into a float16 Zarr array [N,h,w,D] of the
-    staging folder (memory stays one batch). ``embed`` maps uint8 images [B,size,size,3] to [B,D,h,w]."""
+    """Embed a split once, in batches, into a float16 Zarr array [N,h,w,D] of the staging folder (memory stays one
+    batch). ``embed`` maps a list of uint8 RGB images to [B,D,h,w]."""
     out = None
     for start in track(range(0, len(records), batch_size), f"embedding {name}", unit="batch"):
         batch = records[start : start + batch_size]
-        emb = embed(np.stack([resize_square(read_image(r.image_path), size) for r in batch])).permute(0, 2, 3, 1)
+        emb = embed([read_image(r.image_path) for r in batch]).permute(0, 2, 3, 1)
         if out is None:
             out = files.create_array(f"{CACHE}/{name}.zarr", (len(records), *emb.shape[1:]), (1, *emb.shape[1:]), "float16")
         out[start : start + len(batch)] = emb.numpy().astype(np.float16)
     return out
-
-
-def student_embedder(model, info: dict, device, batch_size: int) -> Callable[[np.ndarray], torch.Tensor]:
-    return lambda images: embed_images(model, images, info["mean"], info["std"], device, batch_size)
 
 
 def maskclip_embedder(teacher, device, batch_size: int, amp: bool) -> Callable[[np.ndarray], torch.Tensor]:
@@ -123,20 +118,23 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
     # Language scores per method; only the student was trained towards the known classes' text cone.
     classify = {"clips4": partial(language_logits, weights=text, trained_centre=centre)}
     train_embedders: dict[str, Embedder] = {"maskclip": array_embedder(feats.features("train"))} if "train" in data.splits else {}
+    scales = e.test_scales
     if trained is not None:
         model, info = trained.student(device)
-        student, size = student_embedder(model, info, device, e.batch_size), scaled_size(info["input_size"], e.test_scale)
-        embedders["clips4"] = array_embedder(cache_embeddings(files, e.split, student, size, records, e.batch_size))
+        student = partial(embed_multiscale, partial(embed_images, model, mean=info["mean"], std=info["std"],
+                                                    device=device, batch_size=e.batch_size),
+                          size=info["input_size"], scales=scales)
+        embedders["clips4"] = array_embedder(cache_embeddings(files, e.split, student, records, e.batch_size))
         if train_embedders and "probe" in e.tasks:
-            cached = cache_embeddings(files, "train", student, size, data.records("train"), e.batch_size)
+            cached = cache_embeddings(files, "train", student, data.records("train"), e.batch_size)
             train_embedders["clips4"] = array_embedder(cached)
-    if e.test_scale != 1:
-        # MaskCLIP on the same enlarged images: a larger input sharpens the teacher's map too.
+    if scales != [1.0]:
+        # MaskCLIP on the same scales: a larger input sharpens the teacher's map too.
         teacher = load_teacher(store.open(_teacher_key(store, upstream["features"])), device)
-        maskclip = maskclip_embedder(teacher, device, e.batch_size, cfg.features.amp)
-        size = scaled_size(cfg.features.resolution, e.test_scale)
-        cached = cache_embeddings(files, f"maskclip-{e.split}", maskclip, size, records, e.batch_size)
-        embedders[f"maskclip@{e.test_scale:g}x"] = array_embedder(cached)
+        maskclip = partial(embed_multiscale, maskclip_embedder(teacher, device, e.batch_size, cfg.features.amp),
+                           size=cfg.features.resolution, scales=scales)
+        cached = cache_embeddings(files, f"maskclip-{e.split}", maskclip, records, e.batch_size)
+        embedders[f"maskclip@{scales_label(scales)}"] = array_embedder(cached)
 
     rows: list[dict] = []
     per_class: list[pd.DataFrame] = []
@@ -183,8 +181,8 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
 def _teacher_key(store: Store, features_key: str) -> str:
     key = store.ancestor(features_key, "teacher")
     if key is None:
-        raise StoreError(f"the teacher of {features_key} is not in {store.root}; evaluate.test_scale != 1 runs it "
-                         "again on the enlarged images: rerun the teacher stage or set evaluate.test_scale=1")
+        raise StoreError(f"the teacher of {features_key} is not in {store.root}; evaluate.test_scales other than "
+                         "[1] run it again on the rescaled images: rerun the teacher stage or set evaluate.test_scales=[1]")
     return key
 
 

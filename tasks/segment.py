@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import numpy as np
 from clips4.data.datasets import distinct_palette
 from clips4.data.io import read_image, write_png
 from clips4.device import resolve_device
-from clips4.inference import Segmenter, parse_class_names, scaled_size
+from clips4.inference import Segmenter, parse_class_names
 from clips4.progress import track
 from clips4.visualize import blend_labels
 from storage import Store, StoreError
@@ -29,9 +30,10 @@ def resolve_train_key(store: Store, checkpoint: str | None) -> str:
     return checkpoint
 
 
-def load_segmenter(store: Store, checkpoint: str | None, device: str = "auto", scale: float = 1.0) -> tuple[Segmenter, str]:
-    """The student of a train artifact and its teacher's text tower; images are resized to ``scale`` x the
-    student's training input size (the evaluate stage's ``test_scale``)."""
+def load_segmenter(store: Store, checkpoint: str | None, device: str = "auto",
+                   scales: Sequence[float] = (1.0,)) -> tuple[Segmenter, str]:
+    """The student of a train artifact and its teacher's text tower; images are embedded at each of ``scales`` x
+    the student's training input size and averaged (the evaluate stage's ``test_scales``)."""
     key = resolve_train_key(store, checkpoint)
     dev = resolve_device(device)
     trained = TrainArtifact.open(store, key)
@@ -40,8 +42,7 @@ def load_segmenter(store: Store, checkpoint: str | None, device: str = "auto", s
     if teacher_key is None:
         raise StoreError(f"the teacher that {key} was trained against is not in {store.root}; its text tower names classes")
     teacher = load_teacher(store.open(teacher_key), dev)
-    size = scaled_size(info["input_size"], scale)
-    return Segmenter(model, teacher, size, info["mean"], info["std"], dev, trained.text_centre()), key
+    return Segmenter(model, teacher, info["input_size"], info["mean"], info["std"], dev, trained.text_centre(), scales), key
 
 
 def write_masks(out: Path, stem: str, image: np.ndarray, label: np.ndarray, palette: np.ndarray) -> None:
@@ -54,11 +55,11 @@ def write_masks(out: Path, stem: str, image: np.ndarray, label: np.ndarray, pale
 
 def segment_files(
     store: Store, images: list[Path], classes: str, out: Path, checkpoint: str | None = None, device: str = "auto",
-    batch_size: int = 8, scale: float = 1.0,
+    batch_size: int = 8, scales: Sequence[float] = (1.0,),
 ) -> list[Path]:
     """Segment the user's images into the named classes; returns the written mask files."""
     names = parse_class_names(classes)
-    segmenter, _ = load_segmenter(store, checkpoint, device, scale)
+    segmenter, _ = load_segmenter(store, checkpoint, device, scales)
     text = segmenter.class_embeddings(names)
     palette = distinct_palette(len(names))
     out.mkdir(parents=True, exist_ok=True)
@@ -74,9 +75,9 @@ def segment_files(
 
 
 def export_split(store: Store, split: str, out: Path, checkpoint: str | None = None, device: str = "auto",
-                 batch_size: int = 8, scale: float = 1.0) -> int:
+                 batch_size: int = 8, scales: Sequence[float] = (1.0,)) -> int:
     """Masks of every image of a dataset split, with the dataset's class names (held-out ones included)."""
-    segmenter, key = load_segmenter(store, checkpoint, device, scale)
+    segmenter, key = load_segmenter(store, checkpoint, device, scales)
     data_key = store.ancestor(key, "data")
     if data_key is None:
         raise StoreError(f"the data artifact that {key} was trained on is not in {store.root}; rerun the data stage")

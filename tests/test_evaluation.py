@@ -144,3 +144,26 @@ def test_probe_skips_batches_with_only_ignored_pixels():
     labels = torch.full((2, 8, 8), 255, dtype=torch.uint8)
     probe = train_linear_probe(emb, labels, K, epochs=1, lr=0.1, seed=0, device=CPU)
     assert np.allclose(probe.weight.detach().numpy(), 0)
+
+
+def test_multiscale_embedding_averages_unit_maps_on_the_first_scales_grid():
+    from clips4.inference import embed_multiscale
+
+    def embed(images: np.ndarray) -> torch.Tensor:
+        """A stand-in encoder at output stride 2 whose embedding is [mean red, side / 100, 1]: scale-dependent."""
+        side = images.shape[1]
+        red = torch.from_numpy(images[..., 0].astype(np.float32) / 255)[:, None, ::2, ::2]
+        return torch.cat([red, torch.full_like(red, side / 100), torch.ones_like(red)], dim=1)
+
+    images = [np.full((8, 8, 3), 255, np.uint8), np.zeros((12, 12, 3), np.uint8)]
+    one = embed_multiscale(embed, images, 8, [1.0])
+    assert torch.allclose(one, F.normalize(embed(np.stack([np.full((8, 8, 3), 255, np.uint8)] + [np.zeros((8, 8, 3), np.uint8)])), dim=1))
+    two = embed_multiscale(embed, images, 8, [1.0, 2.0])
+    assert two.shape == (2, 3, 4, 4)  # the first scale's grid, although the second embeds 16 px images
+    expected = F.normalize(F.normalize(torch.tensor([1.0, 0.08, 1.0]), dim=0) + F.normalize(torch.tensor([1.0, 0.16, 1.0]), dim=0), dim=0)
+    assert torch.allclose(two[0, :, 0, 0], expected, atol=1e-6)
+    assert torch.allclose(two.norm(dim=1), torch.ones(2, 4, 4))
+    with pytest.raises(ValueError, match="test scales must lie in"):
+        embed_multiscale(embed, images, 8, [1.0, 5.0])
+    with pytest.raises(ValueError, match="at least one test scale"):
+        embed_multiscale(embed, images, 8, [])

@@ -135,7 +135,7 @@ def test_segment_and_export_masks_on_unseen_images(tmp_path, run) -> None:
     out = tmp_path / "masks"
     cli = CliRunner()
     result = cli.invoke(app, ["segment", *paths, "--classes", "grass, sand | beach, kite, star", "--out", str(out),
-                              "--store", str(tmp_path), "--scale", "2"])
+                              "--store", str(tmp_path), "--scale", "2", "--scale", "3"])
     assert result.exit_code == 0, result.output
     for i in range(3):
         mask = Image.open(out / f"mine_{i}_mask.png")
@@ -143,6 +143,9 @@ def test_segment_and_export_masks_on_unseen_images(tmp_path, run) -> None:
         assert set(np.unique(np.array(Image.open(out / f"mine_{i}_labels.png")))) <= {0, 1, 2, 3}
         assert (out / f"mine_{i}_overlay.png").is_file()
     assert "sand | beach" in (out / "classes.txt").read_text()
+    bad = cli.invoke(app, ["segment", paths[0], "--classes", "grass, kite", "--out", str(tmp_path / "bad"),
+                           "--store", str(tmp_path), "--scale", "9"])
+    assert bad.exit_code == 1 and "test scales must lie in [0.25, 4]" in bad.output
 
     exported = cli.invoke(app, ["export-masks", "--split", "val", "--checkpoint", results["train"].key,
                                 "--out", str(tmp_path / "val"), "--store", str(tmp_path)])
