@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 STAGES: tuple[str, ...] = ("data", "teacher", "features", "cluster", "train", "evaluate")
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+MIN_TEST_SCALE, MAX_TEST_SCALE = 0.25, 4.0  # evaluate.test_scales and `clips4 segment --scale`
 
 
 def volatile(default: Any, description: str) -> Any:
@@ -288,7 +289,7 @@ class EvaluateConfig(Section):
     )
     seed: int = Field(0, description="Seed for k-means and the probe.")
     num_pictures: int = Field(6, ge=0, description="Images drawn in the overlay pictures.")
-    test_scales: list[Annotated[float, Field(ge=0.25, le=4.0)]] = Field(
+    test_scales: list[Annotated[float, Field(ge=MIN_TEST_SCALE, le=MAX_TEST_SCALE)]] = Field(
         default_factory=lambda: [1.0],
         min_length=1,
         description="Input scales at test time: each image is resized to round(scale x size) for every scale, and "

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clips4.config import MAX_TEST_SCALE, MIN_TEST_SCALE
 from clips4.data.prepare import resize_square
 from clips4.evaluation import predict_language
 from clips4.maskclip import prompt_templates, text_embeddings
@@ -25,9 +26,6 @@ def parse_class_names(text: str) -> list[list[str]]:
     return classes
 
 
-MIN_SCALE, MAX_SCALE = 0.25, 4.0
-
-
 def scaled_size(size: int, scale: float) -> int:
     """The side an image is resized to at test scale ``scale``, for a model run at side ``size`` (at least 1)."""
     return max(1, round(size * scale))
@@ -38,9 +36,9 @@ def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
     scales = tuple(float(s) for s in scales)
     if not scales:
         raise ValueError("give at least one test scale, e.g. 2 (the demo evaluates at 2, 3 and 4)")
-    bad = [s for s in scales if not MIN_SCALE <= s <= MAX_SCALE]
+    bad = [s for s in scales if not MIN_TEST_SCALE <= s <= MAX_TEST_SCALE]
     if bad:
-        raise ValueError(f"test scales must lie in [{MIN_SCALE:g}, {MAX_SCALE:g}], got {', '.join(f'{s:g}' for s in bad)}")
+        raise ValueError(f"test scales must lie in [{MIN_TEST_SCALE:g}, {MAX_TEST_SCALE:g}], got {', '.join(f'{s:g}' for s in bad)}")
     return scales
 
 
