@@ -113,13 +113,14 @@ class TrainData:
 class TrainResult:
     """The trained student (unwrapped, eval mode), the final prototypes [M,D], the loss log (step, component,
     value; components unweighted, "total" the weighted sum, one row each per step), the number of optimiser steps
-    done, and the step the run resumed from (0 for a fresh start)."""
+    done, the step the run resumed from (0 for a fresh start), and how many DDP processes trained it."""
 
     model: PixelEncoder
     prototypes: np.ndarray
     losses: pd.DataFrame
     steps_done: int
     resumed_from: int
+    processes: int = 1
 
 
 @dataclass
@@ -512,6 +513,7 @@ def _train(
         losses=losses_frame(rows),
         steps_done=max(start, cfg.steps),
         resumed_from=start,
+        processes=group.world,
     )
 
 

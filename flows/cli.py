@@ -145,12 +145,23 @@ def run(
     force: Annotated[Optional[str], typer.Option(help="Recompute this stage and everything after it.")] = None,
     store: StoreOpt = None,
 ) -> None:
-    """Run the pipeline (or some stages) in-process, reusing every artifact that is already complete."""
-    load_config(preset, config, set_)  # refuse a bad config before Prefect starts
+    """Run the pipeline (or some stages) in-process, reusing every artifact that is already complete.
+
+    Under torchrun the train stage trains with DDP: rank 0 runs the pipeline, the other ranks only train beside it.
+    """
+    cfg = load_config(preset, config, set_)  # refuse a bad config before Prefect starts
     chosen = [s.strip() for s in stages.split(",")] if stages else list(STAGES)
     bad = [s for s in chosen + ([force] if force else []) if s not in STAGES]
     if bad:
         fail(f"unknown stage(s) {', '.join(bad)}; stages are {', '.join(STAGES)}")
+    from tasks.train import follow_train, torchrun_rank
+
+    if torchrun_rank() > 0:
+        try:
+            follow_train(cfg, open_store(store), chosen, force, say=err.print)
+        except (StoreError, ValueError, OSError) as e:
+            fail(str(e), code=1)
+        return
     from flows.pipeline import PipelineError, run_pipeline
 
     try:

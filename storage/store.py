@@ -127,7 +127,8 @@ class Store:
         kind = KEY_PATTERN.match(validate_key(key))["kind"]  # type: ignore[index]
         return self.root / kind / key
 
-    def _staging(self, key: str) -> Path:
+    def staging_dir(self, key: str) -> Path:
+        """Where the work in progress of ``key`` lives (not created): other processes of one build read it there."""
         return self.root / ".staging" / validate_key(key)
 
     def staging(self, key: str, reset: bool = False) -> ArtifactFiles:
@@ -135,7 +136,7 @@ class Store:
 
         Each step writes only its own files there; :meth:`produce` later publishes the folder. ``reset`` empties it.
         """
-        folder = self._staging(key)
+        folder = self.staging_dir(key)
         if reset and folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)

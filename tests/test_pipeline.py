@@ -91,6 +91,33 @@ def test_missing_upstream_is_refused(tmp_path, run) -> None:
         run(stages=["train"])
 
 
+def test_train_stage_under_torchrun_trains_with_every_rank(tmp_path, run, tiny) -> None:
+    """`torchrun --nproc-per-node 2 clips4 run`: rank 0 runs the stage, rank 1 trains beside it (DDP over gloo)."""
+    import os
+    import subprocess
+    import sys
+
+    from tasks.train import follow_train
+
+    run(stages=["data", "teacher", "features", "cluster"])
+    sets = [arg for o in tiny for arg in ("--set", o)]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "flows.cli", "run", "--preset", "demo", *sets, "--stages", "train", "--store", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "rank 1 of 2: training" in done.stderr
+    store = Store(tmp_path)
+    (trained,) = store.list("train")
+    assert trained.summary["processes"] == 2 and trained.summary["steps"] == 3
+    assert not any((tmp_path / ".staging").iterdir())  # nothing left behind by either rank
+    # A rank > 0 trains only when rank 0 will: not when the student is stored, not when train is not run.
+    cfg = resolve_config("demo", overrides=tiny)
+    assert not follow_train(cfg, store, ["train"], None) and not follow_train(cfg, store, ["evaluate"], None)
+
+
 def test_baseline_only_evaluation(tmp_path, run, tiny) -> None:
     import torch
 
