@@ -20,7 +20,7 @@ from rich.table import Table  # noqa: E402
 from clips4.config import STAGES, PipelineConfig, resolve_config  # noqa: E402
 from storage import Store  # noqa: E402
 from tasks import STAGE_TASKS  # noqa: E402
-from tasks.common import StageResult, plan_keys, upstream_stages  # noqa: E402
+from tasks.common import StageResult, forced_stages, plan_keys, upstream_stages  # noqa: E402
 from tasks.report import publish_run_summary  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def execute(cfg: PipelineConfig, stages: list[str], force: str | None, store: st
     if not_built:
         raise PipelineError(f"stage(s) not built yet: {', '.join(not_built)} (built: {', '.join(STAGE_TASKS) or 'none'})")
     st = Store(store)
-    forced = set(STAGES[STAGES.index(force):]) if force else set()
+    forced = forced_stages(force)
     keys: dict[str, str] = {}
     results: list[StageResult] = []
     for stage in (s for s in STAGES if s in stages):

@@ -39,6 +39,11 @@ def upstream_stages(cfg: PipelineConfig, stage: str) -> list[str]:
     raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
 
 
+def forced_stages(force: str | None) -> set[str]:
+    """The stages ``--force STAGE`` recomputes: that stage and every later one."""
+    return set(STAGES[STAGES.index(force):]) if force else set()
+
+
 def stage_key(cfg: PipelineConfig, stage: str, upstream: dict[str, str]) -> str:
     """Key = stage + hash(stage fingerprint, upstream keys, format version): same inputs, same key."""
     return make_key(stage, cfg.stage(stage).fingerprint(), sorted(upstream.values()), FORMAT_VERSION[stage])

@@ -19,12 +19,12 @@ import zarr
 
 from prefect import task
 
-from clips4.config import STAGES, PipelineConfig
+from clips4.config import PipelineConfig
 from clips4.device import resolve_device
 from clips4.training import WEIGHTS_FILE, TrainData, train_student
 from clips4.visualize import plot_curves
 from storage import ArtifactFiles, Store
-from tasks.common import StageResult, plan_keys, run_stage, upstream_stages
+from tasks.common import StageResult, forced_stages, plan_keys, run_stage, upstream_stages
 from tasks.readers import PROTOTYPES, STUDENT, STUDENT_INFO, DataArtifact, FeaturesArtifact
 
 # Training reads every image steps*batch/N times. Reading one image's (pixels, regions, CLIP map) from Zarr costs
@@ -109,7 +109,7 @@ def follow_train(
     resumes on every rank. Only rank 0 writes (checkpoints, the artifact). The store must be on a filesystem every
     rank sees.
     """
-    forced = set(STAGES[STAGES.index(force):]) if force else set()
+    forced = forced_stages(force)
     keys = plan_keys(cfg, ["train"])
     if "train" not in stages or ("train" not in forced and store.exists(keys["train"])):
         return False  # rank 0 does not train in this run (or reuses the stored student)
@@ -122,12 +122,12 @@ def follow_train(
         return stage not in forced or datetime.fromisoformat(store.manifest(key).created) >= started
 
     rank, world = torchrun_rank(), os.environ.get("WORLD_SIZE", "?")
-    waiting = [s for s, k in upstream.items() if not ready(s, k)]
-    if waiting:
-        say(f"rank {rank} of {world}: waiting for rank 0 to build {', '.join(waiting)} in {store.root}")
-    while waiting:
+    announced = False
+    while waiting := [s for s, k in upstream.items() if not ready(s, k)]:
+        if not announced:
+            say(f"rank {rank} of {world}: waiting for rank 0 to build {', '.join(waiting)} in {store.root}")
+            announced = True
         time.sleep(poll_s)
-        waiting = [s for s, k in upstream.items() if not ready(s, k)]
     say(f"rank {rank} of {world}: training {cfg.train.student} beside rank 0 (train artifact {keys['train']})")
     train_data, teacher, _ = train_inputs(store, upstream)
     workdir = store.staging_dir(keys["train"]) / CHECKPOINTS
