@@ -300,9 +300,10 @@ class EvaluateConfig(Section):
     recentre_gap: bool = Field(
         True,
         description="Language task: before the student's embeddings meet the class texts, move them by the mean text "
-        "embedding of the classes named now minus that of the known classes it was trained towards (the modality "
-        "gap re-centred on the test-time class set; zero when only known classes are named). Only for students "
-        "trained with train.emb_space 'text'. False scores them as trained.",
+        "embedding of the classes named now minus the student's own embedding centre (the mean of its embeddings "
+        "over up to 1024 training images, stored by the train stage): the modality gap measured on the student and "
+        "re-centred on the test-time class set. Only for students trained with train.emb_space 'text'. False "
+        "scores them as trained.",
     )
     batch_size: int = volatile(16, "Images per forward pass.")
     device: str = volatile("auto", "'auto', 'cpu' or 'cuda[:i]'.")

@@ -51,32 +51,32 @@ def upsample_argmax(scores: torch.Tensor, out_size: tuple[int, int]) -> torch.Te
     return torch.cat([upsample(s[None]).argmax(dim=1) for s in scores])
 
 
-def cone_shift(weights: torch.Tensor, trained_centre: torch.Tensor) -> torch.Tensor:
-    """[D] offset from the text cone a student was trained towards (centred at ``trained_centre``, the mean known
-    class text embedding) to the cone of the classes ``weights`` [K,D] named now: their mean minus the centre."""
-    return F.normalize(weights.float(), dim=1).mean(0) - trained_centre.to(weights.device).float()
+def cone_shift(weights: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """[D] offset from ``centre``, where a student's unit embeddings sit (the mean of them over its training
+    images), to the centre of the classes ``weights`` [K,D] named now (their mean text embedding)."""
+    return F.normalize(weights.float(), dim=1).mean(0) - centre.to(weights.device).float()
 
 
-def language_logits(emb: torch.Tensor, weights: torch.Tensor, trained_centre: torch.Tensor | None = None) -> torch.Tensor:
+def language_logits(emb: torch.Tensor, weights: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
     """The language protocol's scores [B,K,h,w]: :func:`cosine_logits` of ``emb`` [B,D,h,w] against class texts.
 
-    A student whose L_emb targets were CLIP features moved across the modality gap of the known classes lives in
-    a cone centred at their mean text embedding, ``trained_centre`` [D]. When other classes are named (held-out
-    names appended at test time, or a user's own) its embeddings first move by :func:`cone_shift` - the gap
-    re-centred on the classes named now - so a class is not favoured for having been known at training. Naming
-    exactly the training classes makes the shift zero.
+    A student whose L_emb targets were CLIP features moved across the modality gap of the known classes lives
+    near their text cone, not on it, and not as close to the texts of classes it never saw. Given its embedding
+    ``centre`` [D] (:func:`clips4.inference.embedding_centre`), its embeddings first move by :func:`cone_shift`,
+    the gap measured on the student and re-centred on the classes named now (held-out names appended at test
+    time, or a user's own), so no class is favoured for having been known at training.
     """
-    if trained_centre is not None:
-        shift = cone_shift(weights, trained_centre).to(emb.device)
+    if centre is not None:
+        shift = cone_shift(weights, centre).to(emb.device)
         emb = F.normalize(emb.float(), dim=1) + shift.view(1, -1, 1, 1)
     return cosine_logits(emb, weights)
 
 
 def predict_language(
-    emb: torch.Tensor, text: torch.Tensor, out_size: tuple[int, int], trained_centre: torch.Tensor | None = None
+    emb: torch.Tensor, text: torch.Tensor, out_size: tuple[int, int], centre: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Language-driven segmentation int64 [B,H,W]: nearest class text embedding per pixel (METHOD.md §6)."""
-    return upsample_argmax(language_logits(emb, text, trained_centre), out_size)
+    return upsample_argmax(language_logits(emb, text, centre), out_size)
 
 
 def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

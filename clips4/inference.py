@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,8 +14,12 @@ from clips4.config import MAX_TEST_SCALE, MIN_TEST_SCALE
 from clips4.data.prepare import resize_square
 from clips4.evaluation import predict_language
 from clips4.maskclip import prompt_templates, text_embeddings
+from clips4.progress import track
 from clips4.teacher import Teacher
 from clips4.training import embed_images
+
+if TYPE_CHECKING:
+    import zarr
 
 
 def parse_class_names(text: str) -> list[list[str]]:
@@ -68,6 +73,35 @@ def embed_multiscale(embed: Callable[[np.ndarray], torch.Tensor], images: Sequen
     return F.normalize(total, dim=1)
 
 
+def student_embedder(student: torch.nn.Module, input_size: int, mean: Sequence[float], std: Sequence[float],
+                     device: torch.device, batch_size: int, scales: Sequence[float]) -> Callable[[Sequence[np.ndarray]], torch.Tensor]:
+    """uint8 RGB images (any sizes) -> the student's unit embeddings [B,D,h,w], averaged over ``scales`` x its
+    training input side ``input_size`` (:func:`embed_multiscale`)."""
+    embed = lambda x: embed_images(student, x, tuple(mean), tuple(std), device, batch_size)  # noqa: E731
+    return lambda images: embed_multiscale(embed, images, input_size, scales)
+
+
+@torch.no_grad()
+def embedding_centre(embed: Callable[[np.ndarray], torch.Tensor], images: np.ndarray | zarr.Array,
+                     max_images: int = 1024, batch_size: int = 64) -> torch.Tensor:
+    """Mean [D], over every pixel, of the unit embeddings ``embed`` gives at most ``max_images`` of ``images``
+    [N,H,W,3] (evenly strided): where a student's embeddings actually sit, the point
+    :func:`clips4.evaluation.language_logits` re-centres from. ``images`` is read one batch at a time, so it may be
+    a lazy Zarr array."""
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("the embedding centre needs at least one image")
+    step = -(-n // max_images)
+    count = -(-n // step)
+    total, pixels = None, 0
+    for start in track(range(0, count, batch_size), "embedding centre", unit="batch"):
+        emb = F.normalize(embed(images[start * step : min(start + batch_size, count) * step : step]).float(), dim=1)
+        part = emb.sum(dim=(0, 2, 3))
+        total = part if total is None else total + part
+        pixels += emb.shape[0] * emb.shape[2] * emb.shape[3]
+    return total / pixels
+
+
 @dataclass
 class Segmenter:
     """A student and the teacher's text tower: names -> text embeddings -> per-pixel nearest class."""
@@ -78,7 +112,7 @@ class Segmenter:
     mean: Sequence[float]
     std: Sequence[float]
     device: torch.device
-    trained_centre: torch.Tensor | None = None  # see clips4.evaluation.language_logits
+    centre: torch.Tensor | None = None  # the student's embedding centre; see clips4.evaluation.language_logits
     scales: Sequence[float] = (1.0,)
 
     def __post_init__(self) -> None:
@@ -86,8 +120,8 @@ class Segmenter:
 
     def embed(self, images: Sequence[np.ndarray], batch_size: int = 16) -> torch.Tensor:
         """Student embeddings [B,D,h,w] of uint8 RGB images, averaged over the test scales (:func:`embed_multiscale`)."""
-        student = lambda x: embed_images(self.student, x, tuple(self.mean), tuple(self.std), self.device, batch_size)  # noqa: E731
-        return embed_multiscale(student, images, self.input_size, self.scales)
+        embed = student_embedder(self.student, self.input_size, self.mean, self.std, self.device, batch_size, self.scales)
+        return embed(images)
 
     @torch.no_grad()
     def class_embeddings(self, synonyms: list[list[str]]) -> torch.Tensor:
@@ -100,6 +134,6 @@ class Segmenter:
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
             for e, im in zip(self.embed(batch, batch_size), batch):
-                label = predict_language(e[None].to(self.device), text, im.shape[:2], self.trained_centre)
+                label = predict_language(e[None].to(self.device), text, im.shape[:2], self.centre)
                 out.append(label[0].cpu().numpy())
         return out

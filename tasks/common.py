@@ -17,7 +17,7 @@ FORMAT_VERSION: dict[str, int] = {
     "teacher": 1,
     "features": 1,
     "cluster": 1,
-    "train": 2,
+    "train": 3,
     "evaluate": 1,
 }
 

@@ -29,10 +29,10 @@ from clips4.evaluation import (
     unsupervised_segmentation,
     upsample_argmax,
 )
-from clips4.inference import embed_multiscale, scales_label
+from clips4.inference import embed_multiscale, scales_label, student_embedder
 from clips4.maskclip import maskclip_logits
 from clips4.progress import track
-from clips4.training import embed_images, move_across_gap
+from clips4.training import move_across_gap
 from clips4.visualize import embedding_comparison, overlay_grid
 from storage import ArtifactFiles, Store, StoreError
 from tasks.common import StageResult, run_stage
@@ -114,16 +114,14 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
     embedders: dict[str, Embedder] = {"maskclip": array_embedder(teacher_feats)}
     trained = TrainArtifact.open(store, upstream["train"]) if "train" in upstream else None
     gap = trained.gap() if trained is not None else None
-    centre = trained.text_centre() if trained is not None and e.recentre_gap else None
+    centre = trained.centre() if trained is not None and e.recentre_gap else None
     # Language scores per method; only the student was trained towards the known classes' text cone.
-    classify = {"clips4": partial(language_logits, weights=text, trained_centre=centre)}
+    classify = {"clips4": partial(language_logits, weights=text, centre=centre)}
     train_embedders: dict[str, Embedder] = {"maskclip": array_embedder(feats.features("train"))} if "train" in data.splits else {}
     scales = e.test_scales
     if trained is not None:
         model, info = trained.student(device)
-        student = partial(embed_multiscale, partial(embed_images, model, mean=info["mean"], std=info["std"],
-                                                    device=device, batch_size=e.batch_size),
-                          size=info["input_size"], scales=scales)
+        student = student_embedder(model, info["input_size"], info["mean"], info["std"], device, e.batch_size, scales)
         embedders["clips4"] = array_embedder(cache_embeddings(files, e.split, student, records, e.batch_size))
         if train_embedders and "probe" in e.tasks:
             cached = cache_embeddings(files, "train", student, data.records("train"), e.batch_size)
@@ -158,9 +156,11 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
         batches = SplitBatches(records, kspd, data.label_reader(cfg.data))
         record("maskclip+kspd", "language", score_classifier(batches, lambda s: s, classes.num_classes, device, held)[0])
     if "language" in e.tasks and gap is not None:
-        # The correction the student was trained with, applied to the teacher: what calibration alone gives (with
-        # the gap re-centred on the classes named now, as the student's embeddings are).
-        offset = gap if centre is None else gap + cone_shift(text, centre).cpu()
+        # The correction the student was trained with, applied to the teacher: what calibration alone gives. Moved
+        # by the gap, the teacher's features are centred at the known classes' mean text (that is how the gap is
+        # measured); re-centring moves them on to the classes named now, as the student's embeddings are.
+        known_centre = trained.prototypes["known"].float().mean(0)
+        offset = gap if centre is None else gap + cone_shift(text, known_centre).cpu()
         moved = lambda idx: move_across_gap(embedders["maskclip"](idx), offset)  # noqa: E731
         batches = SplitBatches(records, moved, data.label_reader(cfg.data))
         record("maskclip+gap", "language", score_classifier(batches, language, classes.num_classes, device, held)[0])

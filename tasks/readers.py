@@ -169,7 +169,8 @@ class TrainArtifact(StoredArtifact):
 
     @cached_property
     def prototypes(self) -> dict[str, torch.Tensor]:
-        """``known`` and ``unknown`` target embeddings at the end of training, and the ``gap`` they were moved by."""
+        """``known`` and ``unknown`` target embeddings at the end of training, the ``gap`` the student's L_emb
+        targets were moved by, and the student's embedding ``centre``."""
         return self.files.load_tensors(PROTOTYPES)
 
     def gap(self) -> torch.Tensor | None:
@@ -180,9 +181,10 @@ class TrainArtifact(StoredArtifact):
             return None
         return gap.float()
 
-    def text_centre(self) -> torch.Tensor | None:
-        """Centre [D] of the text cone the student was trained towards (the mean known-class text embedding, whose
-        offset from the image features is the gap), or None with no gap; see clips4.evaluation.language_logits."""
+    def centre(self) -> torch.Tensor | None:
+        """Where the student's unit embeddings sit [D] (:func:`clips4.inference.embedding_centre` over its training
+        images, measured by the train stage), the point clips4.evaluation.language_logits re-centres from; None
+        with no gap (its embeddings were never moved towards the known classes' texts)."""
         if self.gap() is None:
             return None
-        return self.prototypes["known"].float().mean(0)
+        return self.prototypes["centre"].float()

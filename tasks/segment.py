@@ -42,7 +42,7 @@ def load_segmenter(store: Store, checkpoint: str | None, device: str = "auto",
     if teacher_key is None:
         raise StoreError(f"the teacher that {key} was trained against is not in {store.root}; its text tower names classes")
     teacher = load_teacher(store.open(teacher_key), dev)
-    return Segmenter(model, teacher, info["input_size"], info["mean"], info["std"], dev, trained.text_centre(), scales), key
+    return Segmenter(model, teacher, info["input_size"], info["mean"], info["std"], dev, trained.centre(), scales), key
 
 
 def write_masks(out: Path, stem: str, image: np.ndarray, label: np.ndarray, palette: np.ndarray) -> None:

@@ -53,18 +53,39 @@ def test_predict_language_recovers_the_class_map_at_label_size():
     assert torch.equal(pred[valid], labels[valid].long())
 
 
-def test_recentring_on_the_named_classes_frees_a_held_out_class_from_the_known_cone():
+def test_recentring_from_the_students_centre_frees_a_held_out_class_from_the_known_cone():
     e = torch.eye(4)
     known, held = e[:2], e[2:3]
-    centre = known.mean(0)  # the cone the student was trained towards
-    # A held-out pixel (CLIP sees e2) whose embedding was pulled towards the known classes' centre.
+    centre = F.normalize(known.mean(0) + 0.5 * e[3], dim=0)  # where the student's embeddings sit: near, not on, the cone
+    # A held-out pixel (CLIP sees e2) whose embedding was pulled towards that centre.
     emb = F.normalize(0.4 * e[2] + centre, dim=0).view(1, 4, 1, 1)
     named = torch.cat([known, held])
     assert cosine_logits(emb, named).argmax(1).item() == 0  # as trained: a known class wins
-    assert language_logits(emb, named, trained_centre=centre).argmax(1).item() == 2  # re-centred: the held-out one
-    # Naming only the training classes moves nothing.
-    torch.testing.assert_close(language_logits(emb, known, trained_centre=centre), cosine_logits(emb, known))
+    assert language_logits(emb, named, centre=centre).argmax(1).item() == 2  # re-centred: the held-out one
+    # The centre itself moves to the named classes' mean text, equidistant from all of them.
+    at_centre = language_logits(centre.view(1, 4, 1, 1), named, centre=centre)
+    torch.testing.assert_close(at_centre, torch.full_like(at_centre, at_centre[0, 0].item()))
     torch.testing.assert_close(language_logits(emb, named), cosine_logits(emb, named))
+
+
+def test_embedding_centre_is_the_mean_unit_embedding_over_strided_images():
+    from clips4.inference import embedding_centre
+
+    def embed(images: np.ndarray) -> torch.Tensor:
+        """[red, 1] per pixel at stride 1: unit after normalising only when red is 0."""
+        red = torch.from_numpy(np.asarray(images)[..., 0].astype(np.float32))[:, None]
+        return torch.cat([red, torch.ones_like(red)], dim=1)
+
+    images = np.zeros((10, 2, 2, 3), np.uint8)
+    images[1::2, ..., 0] = 1  # odd images: every pixel [1, 1] -> [0.707, 0.707]
+    half = 0.5**0.5
+    torch.testing.assert_close(embedding_centre(embed, images), torch.tensor([half / 2, (1 + half) / 2]))
+    torch.testing.assert_close(embedding_centre(embed, images, batch_size=3), embedding_centre(embed, images))
+    # At most 5 images: every other one, all even (red 0); at most 4: images 0, 3, 6, 9, two of them odd.
+    torch.testing.assert_close(embedding_centre(embed, images, max_images=5), torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(embedding_centre(embed, images, max_images=4, batch_size=2), torch.tensor([half / 2, (1 + half) / 2]))
+    with pytest.raises(ValueError, match="at least one image"):
+        embedding_centre(embed, images[:0])
 
 
 def test_upsampling_keeps_dropped_classes_out():

@@ -42,18 +42,22 @@ def test_pipeline_end_to_end_reuse_and_invalidation(tmp_path, run) -> None:
     assert metrics["value"].notna().all()
     assert store.open(first["evaluate"].key).has("overlays.png")
 
-    # The student was trained towards the known classes' text cone; the evaluate stage re-centres it on the classes
-    # it names (settable, and only the evaluate stage depends on it).
-    from tasks.readers import TrainArtifact
+    # The student was trained towards the known classes' text cone; the train stage stores where its embeddings
+    # sit, and the evaluate stage re-centres from there on the classes it names (settable, evaluate only).
+    from clips4.inference import embedding_centre, student_embedder
+    from tasks.readers import DataArtifact, TrainArtifact
 
     trained = TrainArtifact.open(store, first["train"].key)
-    known = store.open(first["cluster"].key).load_tensors("prototypes.safetensors")["known"]
     assert trained.gap() is not None
-    torch.testing.assert_close(trained.text_centre(), known.mean(0))
+    model, info = trained.student(torch.device("cpu"))
+    embed = student_embedder(model, info["input_size"], info["mean"], info["std"], torch.device("cpu"), 8, (1.0,))
+    remeasured = embedding_centre(embed, DataArtifact.open(store, first["data"].key).train_images())
+    torch.testing.assert_close(trained.centre(), remeasured)
+    assert 0.0 < trained.centre().norm() < 1.0
     plain = run(["evaluate.recentre_gap=false"])
     assert [s for s, r in plain.items() if not r.reused] == ["evaluate"]
     image_side = run(["train.emb_space=image"])
-    assert TrainArtifact.open(store, image_side["train"].key).text_centre() is None
+    assert TrainArtifact.open(store, image_side["train"].key).centre() is None
 
     again = run()
     assert all(r.reused for r in again.values())
