@@ -21,6 +21,11 @@ from clips4.training import embed_images
 if TYPE_CHECKING:
     import zarr
 
+# The embedding centre is measured on this many images at most, evenly strided, so a large dataset spends a bounded
+# pass on it (the demo's 800 training images are all used), this many at a time.
+CENTRE_IMAGES = 1024
+CENTRE_BATCH = 64
+
 
 def parse_class_names(text: str) -> list[list[str]]:
     """``"cat, dog | puppy, grass"`` -> [["cat"], ["dog", "puppy"], ["grass"]] (``|`` separates synonyms)."""
@@ -83,7 +88,7 @@ def student_embedder(student: torch.nn.Module, input_size: int, mean: Sequence[f
 
 @torch.no_grad()
 def embedding_centre(embed: Callable[[np.ndarray], torch.Tensor], images: np.ndarray | zarr.Array,
-                     max_images: int = 1024, batch_size: int = 64) -> torch.Tensor:
+                     max_images: int = CENTRE_IMAGES, batch_size: int = CENTRE_BATCH) -> torch.Tensor:
     """Mean [D], over every pixel, of the unit embeddings ``embed`` gives at most ``max_images`` of ``images``
     [N,H,W,3] (evenly strided): where a student's embeddings actually sit, the point
     :func:`clips4.evaluation.language_logits` re-centres from. ``images`` is read one batch at a time, so it may be

@@ -21,7 +21,7 @@ from prefect import task
 
 from clips4.config import PipelineConfig
 from clips4.device import resolve_device
-from clips4.inference import embedding_centre, student_embedder
+from clips4.inference import CENTRE_BATCH, embedding_centre, student_embedder
 from clips4.training import WEIGHTS_FILE, TrainData, train_student
 from clips4.visualize import plot_curves
 from storage import ArtifactFiles, Store
@@ -32,10 +32,6 @@ from tasks.readers import PROTOTYPES, STUDENT, STUDENT_INFO, DataArtifact, Featu
 # ~8 ms here, ~80 s over the demo's 9600 image reads; reading the three arrays whole takes 1.6 s. Arrays up to this
 # size are therefore read once into memory; larger ones stay lazy (one image at a time).
 PRELOAD_BYTES = 2 * 2**30
-# The student's embedding centre (what the language protocol re-centres from) is measured on this many training
-# images at most, evenly strided, so a large dataset spends a bounded pass on it (the demo's 800 are all used).
-CENTRE_IMAGES = 1024
-CENTRE_BATCH = 64
 CHECKPOINTS = "checkpoints"  # folder in the train artifact's staging area; removed before publication
 
 
@@ -68,7 +64,7 @@ def build_train(cfg: PipelineConfig, store: Store, upstream: dict[str, str], fil
     result = train_student(train_data, t, (teacher["mean"], teacher["std"]), workdir, device)
     shutil.copyfile(workdir / WEIGHTS_FILE, files.file(STUDENT))  # final weights, architecture in the metadata
     embed = student_embedder(result.model, t.input_size, teacher["mean"], teacher["std"], device, CENTRE_BATCH, (1.0,))
-    centre = embedding_centre(embed, train_data.images, CENTRE_IMAGES, CENTRE_BATCH)
+    centre = embedding_centre(embed, train_data.images)
     files.save_tensors(PROTOTYPES, {**protos, "unknown": torch.as_tensor(result.prototypes).float(), "centre": centre})
     files.write_json(
         STUDENT_INFO,
