@@ -17,8 +17,9 @@ from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from clips4.config import PipelineConfig
-from clips4.data.io import read_image
+from clips4.data.io import prefetch, read_image
 from clips4.data.prepare import resize_square
+from clips4.data.records import Record
 from clips4.device import resolve_device
 from clips4.maskclip import DenseFeatures, extract_dense, prompt_templates, text_embeddings
 from clips4.progress import track
@@ -26,6 +27,12 @@ from clips4.training import normalize_images, to_unit_images
 from storage import ArtifactFiles, Store
 from tasks.common import StageResult, run_stage, stage_key
 from tasks.readers import CLASSES, TEACHER_INFO, DataArtifact, FeaturesArtifact, load_teacher
+
+
+@lru_cache(maxsize=4)
+def _records(store_root: str, key: str, split: str) -> tuple[Record, ...]:
+    """A split's records, read once per worker process (each shard task needs its slice of them)."""
+    return tuple(DataArtifact.open(Store(store_root), key).records(split))
 
 
 @lru_cache(maxsize=2)
@@ -61,18 +68,26 @@ def features_shard(cfg: PipelineConfig, store_root: str, key: str, upstream: dic
         return f"{split}/{shard}: reused"
     device = resolve_device(f.device)
     teacher = _teacher(store_root, upstream["teacher"], str(device))
-    records = DataArtifact.open(Store(store_root), upstream["data"]).records(split)
-    chunk = records[shard * f.shard_size : (shard + 1) * f.shard_size]
-    feats = out.features(split, mode="r+")
-    keys = out.keys(split, mode="r+") if f.keep_keys else None
-    for start in track(range(0, len(chunk), f.batch_size), f"features {split} shard {shard}", unit="batch"):
-        batch = chunk[start : start + f.batch_size]
-        images = np.stack([resize_square(read_image(r.image_path), f.resolution) for r in batch])
+    chunk = _records(store_root, upstream["data"], split)[shard * f.shard_size : (shard + 1) * f.shard_size]
+    batches = [chunk[start : start + f.batch_size] for start in range(0, len(chunk), f.batch_size)]
+
+    def load(batch: tuple[Record, ...]) -> np.ndarray:
+        return np.stack([resize_square(read_image(r.image_path), f.resolution) for r in batch])
+
+    # On a GPU the next batch is decoded while this one runs; on the CPU both would compete for the same cores.
+    loaded = prefetch(load, batches) if device.type == "cuda" else map(load, batches)
+    # The shard is gathered in memory and written once: a Zarr shard is one file, so writing it batch by batch
+    # would re-read and re-write the whole file each time.
+    feats, keys = [], []
+    for images in track(loaded, f"features {split} shard {shard}", len(batches), unit="batch"):
         dense = teacher_dense(teacher, images, f.batch_size, device, f.amp, f.keep_keys)
-        lo = shard * f.shard_size + start
-        feats[lo : lo + len(batch)] = dense.features.numpy().astype(f.dtype)
-        if keys is not None:
-            keys[lo : lo + len(batch)] = dense.keys.numpy().astype(f.dtype)
+        feats.append(dense.features.numpy().astype(f.dtype))
+        if f.keep_keys:
+            keys.append(dense.keys.numpy().astype(f.dtype))
+    lo = shard * f.shard_size
+    out.features(split, mode="r+")[lo : lo + len(chunk)] = np.concatenate(feats)
+    if keys:
+        out.keys(split, mode="r+")[lo : lo + len(chunk)] = np.concatenate(keys)
     out.mark_done(split, shard)
     return f"{split}/{shard}: computed"
 

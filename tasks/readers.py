@@ -119,9 +119,11 @@ class FeaturesArtifact(StoredArtifact):
 
     def create(self, split: str, n: int, side: int, dim: int, key_dim: int | None, dtype: str, shard: int) -> None:
         shard = max(1, min(shard, n))
-        self.files.create_array(f"{split}/features.zarr", (n, side, side, dim), (1, side, side, dim), dtype, (shard, side, side, dim))
-        if key_dim:
-            self.files.create_array(f"{split}/keys.zarr", (n, side, side, key_dim), (1, side, side, key_dim), dtype, (shard, side, side, key_dim))
+        for name, d in (("features", dim), ("keys", key_dim)):
+            if d:
+                self.files.create_array(
+                    f"{split}/{name}.zarr", (n, side, side, d), (1, side, side, d), dtype, (shard, side, side, d), compress=False
+                )
 
     def features(self, split: str, mode: str = "r"):
         return self.files.open_array(f"{split}/features.zarr", mode)

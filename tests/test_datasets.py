@@ -20,7 +20,7 @@ from clips4.data.datasets import (
     resolve_class_names,
     voc_palette,
 )
-from clips4.data.io import BadImageError, read_image, read_label_png, write_png
+from clips4.data.io import BadImageError, prefetch, read_image, read_label_png, write_png
 
 H, W = 6, 8
 
@@ -116,6 +116,18 @@ def test_read_image_converts_to_rgb_and_names_bad_files(tmp_path: Path) -> None:
     junk.write_bytes(b"not an image")
     with pytest.raises(BadImageError, match="junk.jpg.*cannot be decoded"):
         read_image(junk)
+
+
+def test_prefetch_keeps_order_and_raises_where_the_bad_item_is(tmp_path: Path) -> None:
+    good = tmp_path / "good.png"
+    write_gray(good, np.full((2, 2), 7))
+    paths = [good, good, tmp_path / "missing.png", good]
+    loaded = prefetch(read_image, paths)
+    assert [int(next(loaded)[0, 0, 0]) for _ in range(2)] == [7, 7]
+    with pytest.raises(BadImageError, match="missing.png"):
+        next(loaded)
+    assert list(prefetch(lambda i: i * i, range(5))) == [0, 1, 4, 9, 16]
+    assert list(prefetch(read_image, [])) == []
 
 
 def test_read_label_png_rejects_rgb_labels(tmp_path: Path) -> None:

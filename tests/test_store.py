@@ -69,6 +69,19 @@ def test_produce_reuse_manifest_and_formats(tmp_path) -> None:
         files.file("../escape.txt")
 
 
+def test_uncompressed_arrays_store_raw_chunks_and_reopen(tmp_path) -> None:
+    files = Store(tmp_path).staging(make_key("features", "f", [], 1))
+    values = np.random.default_rng(0).standard_normal((4, 3, 3, 8)).astype(np.float16)
+    for compress in (True, False):
+        arr = files.create_array(f"{compress}.zarr", values.shape, (1, 3, 3, 8), "float16", (2, 3, 3, 8), compress)
+        arr[:] = values
+        assert (len(arr.compressors) > 0) == compress
+        reopened = files.create_array(f"{compress}.zarr", values.shape, (1, 3, 3, 8), "float16", (2, 3, 3, 8), compress)
+        np.testing.assert_array_equal(reopened[:], values)
+    raw = sum(p.stat().st_size for p in (files.dir / "False.zarr" / "c").rglob("*") if p.is_file())
+    assert raw >= values.nbytes
+
+
 def test_failed_build_is_invisible_and_resumable(tmp_path) -> None:
     st = Store(tmp_path)
     key = make_key("features", "f", [], 1)

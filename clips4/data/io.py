@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageFile
 
 # A truncated JPEG must fail loudly instead of decoding to a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 REMEDY = "re-download or remove it, or set data.on_bad_input=skip"
 
@@ -64,3 +70,17 @@ def write_png(path: str | Path, array: np.ndarray, palette: np.ndarray | None = 
         image.putpalette(colours.ravel().tolist())
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
+
+
+def prefetch(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+    """``fn`` of each item in order, the next one computed in a background thread while the caller uses this one.
+
+    Decoding the next batch of images overlaps the model's forward pass on the current one (PIL and torch release
+    the GIL); an error in ``fn`` is raised where its result would have been yielded."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        futures = (pool.submit(fn, item) for item in items)  # lazy: each next() submits one
+        pending = next(futures, None)
+        while pending is not None:
+            following = next(futures, None)
+            yield pending.result()
+            pending = following
