@@ -73,7 +73,8 @@ def cache_embeddings(files: ArtifactFiles, name: str, embed: Callable[[list[np.n
         batch = records[start : start + batch_size]
         emb = embed([read_image(r.image_path) for r in batch]).permute(0, 2, 3, 1)
         if out is None:
-            out = files.create_array(f"{CACHE}/{name}.zarr", (len(records), *emb.shape[1:]), (1, *emb.shape[1:]), "float16", compress=False)
+            shape = (len(records), *emb.shape[1:])
+            out = files.create_array(f"{CACHE}/{name}.zarr", shape, (1, *emb.shape[1:]), "float16", compress=False)
         out[start : start + len(batch)] = emb.numpy().astype(np.float16)
     return out
 
