@@ -145,3 +145,26 @@ def test_unit_rows_reuses_unit_input_and_normalises_the_rest():
     np.testing.assert_allclose(unit_rows(huge, "x"), [[0.6, 0.8], [0.0, 1.0]], rtol=1e-6)
     with pytest.raises(ValueError, match="x contains NaN"):
         unit_rows(np.array([[np.inf, 1.0]], np.float32), "x")
+
+
+def lloyd(x: np.ndarray, fixed: np.ndarray, free: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray]:
+    """Plain spherical Lloyd iterations, every point searched each time: the reference the bounds must match."""
+    previous = None
+    for _ in range(iterations):
+        assignment = (x @ np.concatenate([fixed, free]).T).argmax(axis=1)
+        if previous is not None and np.array_equal(assignment, previous):
+            break
+        previous = assignment
+        sums = np.stack([x[assignment == len(fixed) + j].sum(0) for j in range(len(free))])
+        free = unit(sums)
+    return np.concatenate([fixed, free]), assignment
+
+
+@pytest.mark.parametrize("spread", [0.3, 0.8])  # separated blobs (most points skipped) / heavy overlap (many move)
+def test_skipping_points_the_bounds_settle_gives_lloyds_result(spread):
+    x, _, means = blob_data(8, 300, dim=24, spread=spread, seed=5)
+    init = unit(means[2:] + 0.5 * np.random.default_rng(2).standard_normal((6, 24)))
+    result = spherical_kmeans(x, k=6, iterations=40, seed=0, fixed=means[:2], init=init)
+    centroids, assignment = lloyd(x, means[:2], init, 40)
+    np.testing.assert_array_equal(result.assignment, assignment)
+    np.testing.assert_allclose(result.centroids, centroids, atol=1e-5)
