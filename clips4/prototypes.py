@@ -130,9 +130,9 @@ def spherical_kmeans(
         if step and moved == 0:
             converged = True  # no point moved: the centres are a fixed point of the update
             break
-        free = bounds.free_centres()
-        bounds.centres_moved(np.concatenate([fixed, free]), centres)
-        centres = np.concatenate([fixed, free])
+        moved_to = np.concatenate([fixed, bounds.free_centres()])
+        bounds.centres_moved(moved_to, centres)
+        centres = moved_to
     if converged and train is x:  # the bounds prove the last assignment exact for every point
         assignment, inertia = bounds.assignment, bounds.inertia(centres)
     else:
@@ -184,7 +184,8 @@ class AssignmentBounds:
         sim, idx = nearest(points, centres, 2)
         best = idx[:, 0]
         changed = best != self.assignment[rows]
-        moved, before, after = rows[changed], self.assignment[rows[changed]], best[changed]
+        moved, after = rows[changed], best[changed]
+        before = self.assignment[moved]
         if (before >= 0).all():  # every point has a centre after the first search
             self.sums.index_add_(0, torch.from_numpy(before), self.points[torch.from_numpy(moved)], alpha=-1.0)
             self.counts -= np.bincount(before, minlength=len(self.counts))
@@ -227,8 +228,10 @@ class AssignmentBounds:
             self.own[at_mover] = sim[at_mover, own[at_mover]]  # exact where the own centre is a mover
             sim[at_mover, own[at_mover]] = -np.inf
             self.other = np.maximum(other, sim.max(axis=1))
-        else:
+        elif len(movers):  # not worth the pass: the movers loosen the bounds like any other centre
             self.other += largest_other(shift, self.assignment)
+        else:
+            self.other = other
 
     def inertia(self, centres: np.ndarray) -> float:
         """sum over points of 1 - <x, own centre>, from the centre sums: N - sum_c <sum_c, c>."""
