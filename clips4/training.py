@@ -321,8 +321,9 @@ def patch_consistency(z: torch.Tensor, clip: torch.Tensor, views: ViewBatch, fra
     residual the ground leaves, scaled by 1/c; lower powers weigh m's length too (0: every pixel is pulled to t),
     which bounds that amplification.
     """
-    rois, cell = cell_footprints(views, frame_size, tuple(clip.shape[-2:]), z.shape[-1])
-    pooled = roi_align(z, rois.to(z.dtype), output_size=1, spatial_scale=1.0, sampling_ratio=FOOTPRINT_SAMPLES,
+    rois, cell = (t.to(z.device) for t in cell_footprints(views, frame_size, tuple(clip.shape[-2:]), z.shape[-1]))
+    # float32 boxes and map: under bf16 autocast a box corner 60 px in would round to the nearest 0.25 px
+    pooled = roi_align(z.float(), rois, output_size=1, spatial_scale=1.0, sampling_ratio=FOOTPRINT_SAMPLES,
                        aligned=True).flatten(1)
     targets = clip.repeat(2, 1, 1, 1).flatten(2).transpose(1, 2).reshape(-1, clip.shape[1])[cell]
     targets = F.normalize(targets, dim=1) if gap is None else move_across_gap(targets, gap)
@@ -367,7 +368,11 @@ def setup_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
     if "RANK" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Distributed(), device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise ValueError(f"torchrun gave this process local rank {local_rank} but this machine has {gpus} GPU(s); "
+                             f"start at most {gpus} process(es) per node, or train on CPU with train.device=cpu")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()
     if owns:

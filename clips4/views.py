@@ -81,7 +81,9 @@ def warp(x: torch.Tensor, views: ViewBatch, out_size: int | None = None,
         if not x.is_floating_point():
             raise ValueError(f"bilinear warp needs a floating-point tensor, got {x.dtype}; use mode='nearest'")
         rois = torch.cat([torch.arange(len(views), device=x.device, dtype=torch.float32)[:, None], boxes], dim=1)
-        out = roi_align(x, rois.to(x.dtype), output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        # in float32, whatever x is: float16 or bfloat16 boxes would misplace corners by up to a quarter pixel
+        out = roi_align(x.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        out = out.to(x.dtype)
     elif mode == "nearest":
         out = _warp_nearest(x, boxes, size)
     else:

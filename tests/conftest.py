@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,25 @@ TINY = [
     "evaluate.probe_epochs=1",
     "evaluate.num_pictures=2",
 ]
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> str:
+    """Each test that takes ``device`` runs on the CPU and, where one is present, on the GPU."""
+    if request.param == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+    return request.param
+
+
+@pytest.fixture
+def child_env() -> dict[str, str]:
+    """Environment for a Python child process that imports this checkout, ahead of any PYTHONPATH already set."""
+    repo = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture

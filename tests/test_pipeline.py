@@ -104,7 +104,7 @@ def test_train_stage_under_torchrun_trains_with_every_rank(tmp_path, run, tiny) 
     from tasks.train import follow_train
 
     run(stages=["data", "teacher", "features", "cluster"])
-    sets = [arg for o in tiny for arg in ("--set", o)]
+    sets = [arg for o in [*tiny, "train.device=cpu"] for arg in ("--set", o)]  # two ranks even on a one-GPU machine
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import torch
 
 from storage import Store, StoreError, make_key, validate_key
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_keys_are_deterministic_and_validated() -> None:
@@ -135,8 +133,7 @@ WRITER = textwrap.dedent(
 )
 
 
-def _spawn(root: Path, key: str, sleep: float, name: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _spawn(root: Path, key: str, sleep: float, name: str, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", WRITER, str(root), key, str(sleep), name], env=env)
 
 
@@ -147,10 +144,10 @@ def _wait_for(path: Path, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-def test_sigkill_mid_write_leaves_nothing_visible_and_gc_cleans(tmp_path) -> None:
+def test_sigkill_mid_write_leaves_nothing_visible_and_gc_cleans(tmp_path, child_env) -> None:
     st = Store(tmp_path)
     key = make_key("data", "killed", [], 1)
-    proc = _spawn(tmp_path, key, 60, "victim")
+    proc = _spawn(tmp_path, key, 60, "victim", child_env)
     _wait_for(tmp_path / ".staging" / key / "begun.json")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -161,12 +158,12 @@ def test_sigkill_mid_write_leaves_nothing_visible_and_gc_cleans(tmp_path) -> Non
     assert not (tmp_path / ".staging" / key).exists()
 
 
-def test_two_processes_racing_for_one_key(tmp_path) -> None:
+def test_two_processes_racing_for_one_key(tmp_path, child_env) -> None:
     st = Store(tmp_path)
     key = make_key("data", "race", [], 1)
-    first = _spawn(tmp_path, key, 1.5, "first")
+    first = _spawn(tmp_path, key, 1.5, "first", child_env)
     _wait_for(tmp_path / ".staging" / key / "begun.json")
-    second = _spawn(tmp_path, key, 0, "second")
+    second = _spawn(tmp_path, key, 0, "second", child_env)
     assert first.wait(60) == 0 and second.wait(60) == 0
     # The second waited for the lock, found the artifact complete and reused it.
     assert st.manifest(key).summary == {"writer": "first"}

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import huggingface_hub
 import numpy as np
@@ -264,16 +262,15 @@ pretrain_synthetic({micro!r}, data["images"], list(data["captions"]), epochs={ep
 
 
 @pytest.mark.slow
-def test_pretrain_survives_sigkill(micro, world_data, tmp_path, caplog):
+def test_pretrain_survives_sigkill(micro, world_data, tmp_path, caplog, child_env):
     """Kill a pre-training process after its first checkpoint; the rerun resumes and ends where an uninterrupted
     run ends."""
     images, captions = world_data
     epochs = 24
     np.savez(tmp_path / "data.npz", images=images, captions=np.array(captions))
     workdir = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     script = _KILLABLE.format(micro=MICRO, epochs=epochs)
-    proc = subprocess.Popen([sys.executable, "-c", script, micro, str(tmp_path / "data.npz"), str(workdir)], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", script, micro, str(tmp_path / "data.npz"), str(workdir)], env=child_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.monotonic() + 120
     while not (workdir / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:

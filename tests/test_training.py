@@ -1,4 +1,3 @@
-import os
 import signal
 import socket
 import subprocess
@@ -22,7 +21,6 @@ from clips4.training import (
     train_student,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 MEAN_STD = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 CPU = torch.device("cpu")
 N, SIZE, DIM, KNOWN, UNKNOWN = 8, 32, 16, 3, 2
@@ -195,16 +193,15 @@ train_student(TrainData(**arrays), cfg, {mean_std!r}, Path(sys.argv[3]), torch.d
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_from_its_checkpoint(tmp_path):
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, child_env):
     arrays = tiny_arrays()
     np.savez(tmp_path / "data.npz", **arrays)
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(mean_std=MEAN_STD))
     workdir = tmp_path / "work"
     cfg = tiny_cfg(steps=500, checkpoint_every=2)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "data.npz"), cfg.model_dump_json(),
-                             str(workdir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             str(workdir)], env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         while not (workdir / STATE_FILE).is_file():
@@ -273,26 +270,29 @@ def test_mismatched_inputs_are_refused():
         TrainData(**arrays, gap=np.zeros(DIM + 1, np.float32))
 
 
-def test_patch_consistency_is_zero_when_each_footprint_averages_to_its_patch():
+def test_patch_consistency_is_zero_when_each_footprint_averages_to_its_patch(device):
     """L_emb with emb_pooling=patches: a student map that repeats every CLIP patch over its footprint (in a flipped
-    and in a zoomed view) scores 0, the same map with patches swapped does not; the gap moves the targets."""
+    and in a zoomed view) scores 0, the same map with patches swapped does not; the gap moves the targets. The
+    maps live on ``device`` and the views on the CPU, as in training."""
     from clips4.views import ViewBatch
 
-    clip = torch.nn.functional.normalize(torch.randn(1, DIM, 4, 4), dim=1)
+    interpolate = torch.nn.functional.interpolate
+    clip = torch.nn.functional.normalize(torch.randn(1, DIM, 4, 4), dim=1).to(device)
     views = ViewBatch(torch.tensor([[0.0, 0.0, 16.0, 16.0], [4.0, 4.0, 12.0, 12.0]]), torch.tensor([True, False]), 8)
-    full = torch.nn.functional.interpolate(clip, size=8, mode="nearest").flip(-1)  # view 0: the whole frame, flipped
-    zoom = torch.nn.functional.interpolate(clip[..., 1:3, 1:3], size=8, mode="nearest")  # view 1: the middle 2x2
+    full = interpolate(clip, size=8, mode="nearest").flip(-1)  # view 0: the whole frame, flipped
+    zoom = interpolate(clip[..., 1:3, 1:3], size=8, mode="nearest")  # view 1: the middle 2x2
     z = torch.cat([full, zoom])
-    assert training.patch_consistency(z, clip, views, (16, 16), torch.zeros(DIM)) < 0.01  # bilinear samples blur edges
+    no_gap = torch.zeros(DIM, device=device)
+    assert training.patch_consistency(z, clip, views, (16, 16), no_gap) < 0.01  # bilinear samples blur edges
     swapped = torch.cat([full.flip(-1), zoom.flip(-2)])
-    assert training.patch_consistency(swapped, clip, views, (16, 16), torch.zeros(DIM)) > 0.3
-    gap = torch.zeros(DIM)
+    assert training.patch_consistency(swapped, clip, views, (16, 16), no_gap) > 0.3
+    gap = no_gap.clone()
     gap[0] = 3.0
     moved = torch.nn.functional.normalize(clip + gap.view(1, -1, 1, 1), dim=1)
-    z_moved = torch.cat([torch.nn.functional.interpolate(moved, size=8, mode="nearest").flip(-1),
-                         torch.nn.functional.interpolate(moved[..., 1:3, 1:3], size=8, mode="nearest")])
+    z_moved = torch.cat([interpolate(moved, size=8, mode="nearest").flip(-1),
+                         interpolate(moved[..., 1:3, 1:3], size=8, mode="nearest")])
     assert training.patch_consistency(z_moved, clip, views, (16, 16), gap) < 0.01
-    assert training.patch_consistency(z_moved, clip, views, (16, 16), torch.zeros(DIM)) > 0.1
+    assert training.patch_consistency(z_moved, clip, views, (16, 16), no_gap) > 0.1
 
 
 def test_patch_norm_power_sets_how_much_a_mixed_footprint_may_amplify_its_residual():
@@ -367,3 +367,13 @@ def test_teacher_contrast_targets_are_the_teachers_pixels_and_segments_across_th
     assert clip_pix.shape == (50, DIM) == z_shape and clip_seg.shape == seg_shape and kappa_teacher == 8.0
     torch.testing.assert_close(clip_pix.norm(dim=1), torch.ones(50))
     assert clip_pix[:, 0].min() > 0.9 and clip_seg[:, 0].min() > 0.9  # moved across the gap
+
+
+def test_torchrun_with_more_processes_than_gpus_is_refused_by_name(monkeypatch) -> None:
+    """A rank whose LOCAL_RANK has no GPU must say so before it touches CUDA or the process group."""
+    local_rank = torch.cuda.device_count()  # one past the last GPU (0 on a CPU machine)
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("WORLD_SIZE", str(local_rank + 1))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    with pytest.raises(ValueError, match=rf"local rank {local_rank} but this machine has {local_rank} GPU"):
+        training.setup_distributed(torch.device("cuda"))

@@ -8,8 +8,6 @@ from torchvision.ops import roi_align
 
 from clips4.views import ViewBatch, cell_footprints, color_jitter, sample_views, warp
 
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
-
 
 def coordinate_image(size: int) -> torch.Tensor:
     """[1,3,size,size]: x and y of each pixel centre (linear) and a smooth function of both."""
@@ -23,7 +21,6 @@ def views(boxes, flips, out_size: int) -> ViewBatch:
     return ViewBatch(torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips), out_size)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_warping_a_map_matches_warping_its_image(device):
     """Registration: crop+flip the image then downsample == downsample to a map then crop+flip the map."""
     image = coordinate_image(64).repeat(4, 1, 1, 1).to(device)
