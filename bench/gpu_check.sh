@@ -38,8 +38,8 @@ print('faiss', faiss.__version__, 'gpus', faiss.get_num_gpus() if hasattr(faiss,
 print('open_clip', open_clip.__version__, 'prefect', prefect.__version__, 'zarr', zarr.__version__)
 import flows.cli, tasks.train, tasks.cluster"
 step demo 180 "${run[@]}"
-step ddp 60 "$py" -m torch.distributed.run --standalone --nproc-per-node 1 -m flows.cli run --preset demo \
-  --stages train --set train.steps=60
+step ddp 60 "$py" -m torch.distributed.run --standalone --nproc-per-node 1 "${run[@]:1}" --stages train \
+  --set train.steps=60
 step bf16 50 "${run[@]}" --stages train --set train.steps=60 --set train.seed=1
 step fp32 50 "${run[@]}" --stages train --set train.steps=60 --set train.seed=1 --set train.amp=false
 step tests 90 "$py" -m pytest -q -n 4 -p no:cacheprovider tests -k "cuda or patch_consistency or more_processes"

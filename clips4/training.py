@@ -321,7 +321,8 @@ def patch_consistency(z: torch.Tensor, clip: torch.Tensor, views: ViewBatch, fra
     residual the ground leaves, scaled by 1/c; lower powers weigh m's length too (0: every pixel is pulled to t),
     which bounds that amplification.
     """
-    rois, cell = (t.to(z.device) for t in cell_footprints(views, frame_size, tuple(clip.shape[-2:]), z.shape[-1]))
+    rois, cell = cell_footprints(views, frame_size, tuple(clip.shape[-2:]), z.shape[-1])
+    rois, cell = rois.to(z.device), cell.to(z.device)  # the views live on the CPU, the map where the model runs
     # float32 boxes and map: under bf16 autocast a box corner 60 px in would round to the nearest 0.25 px
     pooled = roi_align(z.float(), rois, output_size=1, spatial_scale=1.0, sampling_ratio=FOOTPRINT_SAMPLES,
                        aligned=True).flatten(1)

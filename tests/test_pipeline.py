@@ -95,9 +95,8 @@ def test_missing_upstream_is_refused(tmp_path, run) -> None:
         run(stages=["train"])
 
 
-def test_train_stage_under_torchrun_trains_with_every_rank(tmp_path, run, tiny) -> None:
+def test_train_stage_under_torchrun_trains_with_every_rank(tmp_path, run, tiny, child_env) -> None:
     """`torchrun --nproc-per-node 2 clips4 run`: rank 0 runs the stage, rank 1 trains beside it (DDP over gloo)."""
-    import os
     import subprocess
     import sys
 
@@ -105,7 +104,7 @@ def test_train_stage_under_torchrun_trains_with_every_rank(tmp_path, run, tiny) 
 
     run(stages=["data", "teacher", "features", "cluster"])
     sets = [arg for o in [*tiny, "train.device=cpu"] for arg in ("--set", o)]  # two ranks even on a one-GPU machine
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "OMP_NUM_THREADS": "1"}
+    env = {**child_env, "PREFECT_HOME": str(tmp_path / "prefect")}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "flows.cli", "run", "--preset", "demo", *sets, "--stages", "train", "--store", str(tmp_path)],

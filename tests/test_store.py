@@ -17,7 +17,6 @@ import torch
 from storage import Store, StoreError, make_key, validate_key
 
 
-
 def test_keys_are_deterministic_and_validated() -> None:
     k = make_key("train", "abc", ["data-0123456789"], 1)
     assert k == make_key("train", "abc", ["data-0123456789"], 1)

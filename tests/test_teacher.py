@@ -270,8 +270,8 @@ def test_pretrain_survives_sigkill(micro, world_data, tmp_path, caplog, child_en
     np.savez(tmp_path / "data.npz", images=images, captions=np.array(captions))
     workdir = tmp_path / "killed"
     script = _KILLABLE.format(micro=MICRO, epochs=epochs)
-    proc = subprocess.Popen([sys.executable, "-c", script, micro, str(tmp_path / "data.npz"), str(workdir)], env=child_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", script, micro, str(tmp_path / "data.npz"), str(workdir)],
+                            env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not (workdir / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
