@@ -305,6 +305,18 @@ class EvaluateConfig(Section):
         "re-centred on the test-time class set. Only for students trained with train.emb_space 'text'. False "
         "scores them as trained.",
     )
+    new_class_floor: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Language task, classes named only at test time (held out): each gets at least this fraction "
+        "of MaskCLIP's share of the train split's pixels in the student's argmax, through one score bias per class "
+        "measured on those images without their labels. The student keeps the teacher's majority for "
+        "alike-looking pixels, so a class the teacher finds on a minority of them can vanish. 0 turns it off.",
+    )
+    calibration_pixels: int = Field(
+        100_000, ge=1000, le=1_000_000, description="Student pixels sampled from the train split for new_class_floor."
+    )
     batch_size: int = volatile(16, "Images per forward pass.")
     device: str = volatile("auto", "'auto', 'cpu' or 'cuda[:i]'.")
 

@@ -57,19 +57,55 @@ def cone_shift(weights: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     return F.normalize(weights.float(), dim=1).mean(0) - centre.to(weights.device).float()
 
 
-def language_logits(emb: torch.Tensor, weights: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
+def language_logits(emb: torch.Tensor, weights: torch.Tensor, centre: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """The language protocol's scores [B,K,h,w]: :func:`cosine_logits` of ``emb`` [B,D,h,w] against class texts.
 
     A student whose L_emb targets were CLIP features moved across the modality gap of the known classes lives
     near their text cone, not on it, and not as close to the texts of classes it never saw. Given its embedding
     ``centre`` [D] (:func:`clips4.inference.embedding_centre`), its embeddings first move by :func:`cone_shift`,
     the gap measured on the student and re-centred on the classes named now (held-out names appended at test
-    time, or a user's own), so no class is favoured for having been known at training.
+    time, or a user's own), so no class is favoured for having been known at training. ``bias`` [K] is added to
+    the scores (:func:`share_floor_bias`).
     """
     if centre is not None:
         shift = cone_shift(weights, centre).to(emb.device)
         emb = F.normalize(emb.float(), dim=1) + shift.view(1, -1, 1, 1)
-    return cosine_logits(emb, weights)
+    scores = cosine_logits(emb, weights)
+    return scores if bias is None else scores + bias.to(scores).view(1, -1, 1, 1)
+
+
+def argmax_shares(scores: Iterable[torch.Tensor], num_classes: int) -> torch.Tensor:
+    """Share [K] of the pixels whose highest score is each class, over score maps [B,K,h,w] or rows [N,K]."""
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for s in scores:
+        counts += torch.bincount(s.argmax(dim=1).flatten().cpu(), minlength=num_classes).double()
+    if counts.sum() == 0:
+        raise ValueError("no pixels to measure class shares on: the score maps are empty")
+    return (counts / counts.sum()).float()
+
+
+def share_floor_bias(scores: torch.Tensor, reference_share: torch.Tensor, classes: Sequence[int], floor: float,
+                     passes: int = 3) -> torch.Tensor:
+    """Bias [K] >= 0, non-zero only on ``classes``: the least that gives each of them at least ``floor`` x its
+    ``reference_share`` [K] of the argmax over ``scores`` [N,K] (pixels of unlabelled calibration images).
+
+    Why: the student keeps the teacher's majority for alike-looking pixels, so a class named only at test time that
+    the teacher finds on a minority of its pixels can vanish from the student's argmax while still scoring highest
+    on them (docs/STATUS.md, twenty-fourth session). Given the teacher's share as the reference, the bias is a
+    quantile of each class's margin to the best other class; a few passes settle classes that compete with each
+    other. Classes the student already gives their floor keep a bias of 0.
+    """
+    scores = scores.float()
+    bias = torch.zeros(scores.shape[1])
+    for _ in range(passes):
+        for k in classes:
+            need = floor * float(reference_share[k])
+            if need <= 0:
+                continue
+            others = (scores + bias).index_fill(1, torch.tensor([k]), float("-inf")).max(dim=1).values
+            bias[k] = max(0.0, float(torch.quantile(others - scores[:, k], min(need, 1.0))))
+    return bias
 
 
 def predict_language(

@@ -21,8 +21,12 @@ from clips4.data.io import read_image
 from clips4.data.records import Record
 from clips4.device import resolve_device
 from clips4.evaluation import (
+    argmax_shares,
     cone_shift,
+    cosine_logits,
     language_logits,
+    sample_pixels,
+    share_floor_bias,
     resize_labels,
     score_classifier,
     train_linear_probe,
@@ -124,9 +128,14 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
         model, info = trained.student(device)
         student = student_embedder(model, info["input_size"], info["mean"], info["std"], device, e.batch_size, scales)
         embedders["clips4"] = array_embedder(cache_embeddings(files, e.split, student, records, e.batch_size))
-        if train_embedders and "probe" in e.tasks:
+        if train_embedders and ("probe" in e.tasks or (e.new_class_floor > 0 and held)):
             cached = cache_embeddings(files, "train", student, data.records("train"), e.batch_size)
             train_embedders["clips4"] = array_embedder(cached)
+        if "language" in e.tasks and e.new_class_floor > 0 and held and "clips4" in train_embedders:
+            n_train = len(data.records("train"))
+            bias, table = _new_class_floor(cfg, train_embedders, n_train, text, centre, held, classes.names, device)
+            files.write_table("calibration", table, also=("csv",))
+            classify["clips4"] = partial(language_logits, weights=text, centre=centre, bias=bias)
     if scales != [1.0]:
         # MaskCLIP on the same scales: a larger input sharpens the teacher's map too.
         teacher = load_teacher(store.open(_teacher_key(store, upstream["features"])), device)
@@ -177,6 +186,32 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
         for r in rows
         if r["metric"] in ("mIoU", "mIoU_known", "mIoU_unknown")
     }
+
+
+def _new_class_floor(cfg: PipelineConfig, train_embedders: dict[str, Embedder], n_train: int, text: torch.Tensor,
+                     centre: torch.Tensor | None, held: list[int], names: list[str], device: torch.device
+                     ) -> tuple[torch.Tensor, pd.DataFrame]:
+    """The bias that gives each class named only at test time ``evaluate.new_class_floor`` x MaskCLIP's share of
+    the train split's pixels in the student's argmax (:func:`clips4.evaluation.share_floor_bias`), and a table of
+    both shares per class. Uses the train images without their labels."""
+    e = cfg.evaluate
+    teacher = train_embedders["maskclip"]
+    teacher_share = argmax_shares(
+        (cosine_logits(teacher([i]).to(device), text) for i in track(range(n_train), "teacher shares", unit="image")),
+        len(names),
+    )
+    pixels = sample_pixels((train_embedders["clips4"]([i]) for i in range(n_train)), e.calibration_pixels, e.seed)
+    scores = language_logits(pixels.to(device)[:, :, None, None], text, centre)[:, :, 0, 0].cpu()
+    bias = share_floor_bias(scores, teacher_share, held, e.new_class_floor)
+    table = pd.DataFrame({
+        "class": names,
+        "held_out": [i in held for i in range(len(names))],
+        "maskclip_share": teacher_share.numpy(),
+        "clips4_share": argmax_shares([scores], len(names)).numpy(),
+        "bias": bias.numpy(),
+        "clips4_share_with_bias": argmax_shares([scores + bias], len(names)).numpy(),
+    })
+    return bias.to(device), table
 
 
 def _teacher_key(store: Store, features_key: str) -> str:

@@ -41,6 +41,13 @@ def test_pipeline_end_to_end_reuse_and_invalidation(tmp_path, run) -> None:
     assert {"language", "unsupervised", "probe"} <= set(metrics["task"])
     assert metrics["value"].notna().all()
     assert store.open(first["evaluate"].key).has("overlays.png")
+    # Held-out classes get the demo's share floor (evaluate.new_class_floor); known classes keep a bias of 0.
+    calibration = store.open(first["evaluate"].key).read_table("calibration")
+    held = calibration[calibration["held_out"]]
+    assert set(held["class"]) == {"star", "box"} and (calibration.loc[~calibration["held_out"], "bias"] == 0).all()
+    assert (held["bias"] >= 0).all()
+    floor = 0.25 * held["maskclip_share"]
+    assert (held["clips4_share_with_bias"] >= 0.9 * floor).all()
 
     # The student was trained towards the known classes' text cone; the train stage stores where its embeddings
     # sit, and the evaluate stage re-centres from there on the classes it names (settable, evaluate only).
@@ -54,8 +61,9 @@ def test_pipeline_end_to_end_reuse_and_invalidation(tmp_path, run) -> None:
     remeasured = embedding_centre(embed, DataArtifact.open(store, first["data"].key).train_images())
     torch.testing.assert_close(trained.centre(), remeasured)
     assert 0.0 < trained.centre().norm() < 1.0
-    plain = run(["evaluate.recentre_gap=false"])
+    plain = run(["evaluate.recentre_gap=false", "evaluate.new_class_floor=0"])
     assert [s for s, r in plain.items() if not r.reused] == ["evaluate"]
+    assert not store.open(plain["evaluate"].key).has("calibration.parquet")
     image_side = run(["train.emb_space=image"])
     assert TrainArtifact.open(store, image_side["train"].key).centre() is None
 
