@@ -172,3 +172,25 @@ def prototype_map(
     ax.set_ylabel("PC 2")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def share_bars(table: pd.DataFrame, path: Path | str) -> Path:
+    """Grouped bars per class of the argmax shares in a calibration table (``class``, ``held_out`` and one column
+    per ``*_share*``): what MaskCLIP and the student give each class, before and after the held-out share floor."""
+    columns = [c for c in table.columns if "_share" in c]
+    if table.empty or not columns or not {"class", "held_out"} <= set(table.columns):
+        raise ValueError("share_bars needs a non-empty table with columns class, held_out and at least one *_share column")
+    x = np.arange(len(table))
+    width = 0.8 / len(columns)
+    fig = Figure(figsize=(max(5.0, 0.7 * len(table)), 3.2))
+    ax = fig.subplots()
+    for i, column in enumerate(columns):
+        ax.bar(x + (i - (len(columns) - 1) / 2) * width, table[column], width, label=column.replace("_", " "))
+    ax.set_xticks(x, [f"{c}*" if h else str(c) for c, h in zip(table["class"], table["held_out"], strict=True)],
+                  rotation=45, fontsize=8)
+    ax.set_yscale("symlog", linthresh=1e-3)  # a vanished class (share 0) stays on the axis
+    ax.set_ylabel("share of train pixels (argmax)")
+    ax.set_title("* held out: named only at test time", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

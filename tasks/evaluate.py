@@ -37,7 +37,7 @@ from clips4.inference import embed_multiscale, scales_label, student_embedder
 from clips4.maskclip import maskclip_logits
 from clips4.progress import track
 from clips4.training import move_across_gap
-from clips4.visualize import embedding_comparison, overlay_grid
+from clips4.visualize import embedding_comparison, overlay_grid, share_bars
 from storage import ArtifactFiles, Store, StoreError
 from tasks.common import StageResult, run_stage
 from tasks.features import teacher_dense
@@ -135,6 +135,7 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
             n_train = len(data.records("train"))
             bias, table = _new_class_floor(cfg, train_embedders, n_train, text, centre, held, classes.names, device)
             files.write_table("calibration", table, also=("csv",))
+            share_bars(table, files.file("calibration.png"))
             classify["clips4"] = partial(language_logits, weights=text, centre=centre, bias=bias)
     if scales != [1.0]:
         # MaskCLIP on the same scales: a larger input sharpens the teacher's map too.

@@ -48,6 +48,7 @@ def test_pipeline_end_to_end_reuse_and_invalidation(tmp_path, run) -> None:
     assert (held["bias"] >= 0).all()
     floor = 0.25 * held["maskclip_share"]
     assert (held["clips4_share_with_bias"] >= 0.9 * floor).all()
+    assert store.open(first["evaluate"].key).has("calibration.png")
 
     # The student was trained towards the known classes' text cone; the train stage stores where its embeddings
     # sit, and the evaluate stage re-centres from there on the classes it names (settable, evaluate only).

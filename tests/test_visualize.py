@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clips4.visualize import embedding_comparison, overlay_grid, pca_rgb, plot_curves, prototype_map
+from clips4.visualize import embedding_comparison, overlay_grid, pca_rgb, plot_curves, prototype_map, share_bars
 
 PALETTE = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]], dtype=np.uint8)
 NAMES = ["grass", "kite", "ring"]
@@ -77,3 +77,11 @@ def test_prototype_map(tmp_path):
     assert_png(prototype_map(known, torch.empty(0, 8), NAMES, tmp_path / "no_unknown.png"))
     with pytest.raises(ValueError, match="names"):
         prototype_map(known, unknown, NAMES[:2], tmp_path / "bad.png")
+
+
+def test_share_bars(tmp_path):
+    table = pd.DataFrame({"class": ["grass", "box"], "held_out": [False, True], "maskclip_share": [0.9, 0.1],
+                          "clips4_share": [1.0, 0.0], "bias": [0.0, 3.0], "clips4_share_with_bias": [0.97, 0.03]})
+    assert share_bars(table, tmp_path / "s.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="share"):
+        share_bars(table[["class", "bias"]], tmp_path / "t.png")
