@@ -128,10 +128,11 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
         model, info = trained.student(device)
         student = student_embedder(model, info["input_size"], info["mean"], info["std"], device, e.batch_size, scales)
         embedders["clips4"] = array_embedder(cache_embeddings(files, e.split, student, records, e.batch_size))
-        if train_embedders and ("probe" in e.tasks or (e.new_class_floor > 0 and held)):
+        floor = "language" in e.tasks and e.new_class_floor > 0 and bool(held)
+        if train_embedders and ("probe" in e.tasks or floor):
             cached = cache_embeddings(files, "train", student, data.records("train"), e.batch_size)
             train_embedders["clips4"] = array_embedder(cached)
-        if "language" in e.tasks and e.new_class_floor > 0 and held and "clips4" in train_embedders:
+        if floor and "clips4" in train_embedders:
             n_train = len(data.records("train"))
             bias, table = _new_class_floor(cfg, train_embedders, n_train, text, centre, held, classes.names, device)
             files.write_table("calibration", table, also=("csv",))
@@ -196,12 +197,13 @@ def _new_class_floor(cfg: PipelineConfig, train_embedders: dict[str, Embedder], 
     the train split's pixels in the student's argmax (:func:`clips4.evaluation.share_floor_bias`), and a table of
     both shares per class. Uses the train images without their labels."""
     e = cfg.evaluate
+    batches = [list(range(s, min(s + e.batch_size, n_train))) for s in range(0, n_train, e.batch_size)]
     teacher = train_embedders["maskclip"]
     teacher_share = argmax_shares(
-        (cosine_logits(teacher([i]).to(device), text) for i in track(range(n_train), "teacher shares", unit="image")),
+        (cosine_logits(teacher(idx).to(device), text) for idx in track(batches, "teacher shares", unit="batch")),
         len(names),
     )
-    pixels = sample_pixels((train_embedders["clips4"]([i]) for i in range(n_train)), e.calibration_pixels, e.seed)
+    pixels = sample_pixels((train_embedders["clips4"](idx) for idx in batches), e.calibration_pixels, e.seed)
     scores = language_logits(pixels.to(device)[:, :, None, None], text, centre)[:, :, 0, 0].cpu()
     bias = share_floor_bias(scores, teacher_share, held, e.new_class_floor)
     table = pd.DataFrame({
