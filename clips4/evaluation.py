@@ -109,10 +109,12 @@ def share_floor_bias(scores: torch.Tensor, reference_share: torch.Tensor, classe
 
 
 def predict_language(
-    emb: torch.Tensor, text: torch.Tensor, out_size: tuple[int, int], centre: torch.Tensor | None = None
+    emb: torch.Tensor, text: torch.Tensor, out_size: tuple[int, int], centre: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Language-driven segmentation int64 [B,H,W]: nearest class text embedding per pixel (METHOD.md §6)."""
-    return upsample_argmax(language_logits(emb, text, centre), out_size)
+    """Language-driven segmentation int64 [B,H,W]: nearest class text embedding per pixel (METHOD.md §6), scored
+    by :func:`language_logits`."""
+    return upsample_argmax(language_logits(emb, text, centre, bias), out_size)
 
 
 def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

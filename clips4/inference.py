@@ -86,6 +86,11 @@ def student_embedder(student: torch.nn.Module, input_size: int, mean: Sequence[f
     return lambda images: embed_multiscale(embed, images, input_size, scales)
 
 
+def strided(n: int, max_images: int) -> range:
+    """At most ``max_images`` of ``n`` image indices, evenly strided: a bounded pass over a large dataset."""
+    return range(0, n, -(-n // max_images))
+
+
 @torch.no_grad()
 def embedding_centre(embed: Callable[[np.ndarray], torch.Tensor], images: np.ndarray | zarr.Array,
                      max_images: int = CENTRE_IMAGES, batch_size: int = CENTRE_BATCH) -> torch.Tensor:
@@ -93,14 +98,13 @@ def embedding_centre(embed: Callable[[np.ndarray], torch.Tensor], images: np.nda
     [N,H,W,3] (evenly strided): where a student's embeddings actually sit, the point
     :func:`clips4.evaluation.language_logits` re-centres from. ``images`` is read one batch at a time, so it may be
     a lazy Zarr array."""
-    n = images.shape[0]
-    if n == 0:
+    if images.shape[0] == 0:
         raise ValueError("the embedding centre needs at least one image")
-    step = -(-n // max_images)
-    count = -(-n // step)
+    picked = strided(images.shape[0], max_images)
     total, pixels = None, 0
-    for start in track(range(0, count, batch_size), "embedding centre", unit="batch"):
-        emb = F.normalize(embed(images[start * step : min(start + batch_size, count) * step : step]).float(), dim=1)
+    for start in track(range(0, len(picked), batch_size), "embedding centre", unit="batch"):
+        part = picked[start : start + batch_size]
+        emb = F.normalize(embed(images[part.start : part.stop : part.step]).float(), dim=1)
         part = emb.sum(dim=(0, 2, 3))
         total = part if total is None else total + part
         pixels += emb.shape[0] * emb.shape[2] * emb.shape[3]
@@ -133,12 +137,14 @@ class Segmenter:
         return text_embeddings(self.teacher.model, self.teacher.tokenizer, synonyms, prompt_templates()).to(self.device)
 
     @torch.no_grad()
-    def __call__(self, images: Sequence[np.ndarray], text: torch.Tensor, batch_size: int = 16) -> list[np.ndarray]:
-        """Label maps int [H,W] (each image's own size) for uint8 RGB images of any sizes."""
+    def __call__(self, images: Sequence[np.ndarray], text: torch.Tensor, batch_size: int = 16,
+                 bias: torch.Tensor | None = None) -> list[np.ndarray]:
+        """Label maps int [H,W] (each image's own size) for uint8 RGB images of any sizes; ``bias`` [K] is added
+        to the class scores (the share floor of classes the student was not trained on)."""
         out: list[np.ndarray] = []
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
             for e, im in zip(self.embed(batch, batch_size), batch):
-                label = predict_language(e[None].to(self.device), text, im.shape[:2], self.centre)
+                label = predict_language(e[None].to(self.device), text, im.shape[:2], self.centre, bias)
                 out.append(label[0].cpu().numpy())
         return out

@@ -31,6 +31,7 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="A YAM
 CheckpointOpt = Annotated[Optional[str], typer.Option(help="Train artifact key or folder (default: newest).")]
 OutOpt = Annotated[Path, typer.Option(help="Output folder.")]
 DeviceOpt = Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")]
+FloorOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Share floor for class names the student was not trained on: each keeps at least this fraction of MaskCLIP's share of the training images' pixels (the demo evaluates with 0.25; evaluate.new_class_floor). 0 turns it off.")]
 ScaleOpt = Annotated[Optional[list[float]], typer.Option(help="Input scale: images are resized to this multiple of the student's training size; repeat it to average the embeddings over several scales (the demo evaluates at --scale 2 --scale 3 --scale 4). Default 1.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. train.lr=0.02 (repeatable).")]
 
@@ -179,6 +180,7 @@ def segment(
     device: DeviceOpt = "auto",
     store: StoreOpt = None,
     scale: ScaleOpt = None,
+    new_class_floor: FloorOpt = 0.0,
 ) -> None:
     """Label maps (palette PNG and raw ids) and overlays for your own images, with any class names."""
     from tasks.segment import segment_files
@@ -187,7 +189,8 @@ def segment(
     if missing:
         fail(f"no such image file(s): {', '.join(missing)}")
     try:
-        written = segment_files(open_store(store), images, classes, out, checkpoint, device, scales=scale or [1.0])
+        written = segment_files(open_store(store), images, classes, out, checkpoint, device, scales=scale or [1.0],
+                                new_class_floor=new_class_floor)
     except (StoreError, ValueError) as e:
         fail(str(e), code=1)
     console.print(f"wrote masks and overlays of {len(written)} image(s) to {out}")
@@ -201,12 +204,14 @@ def export_masks(
     device: DeviceOpt = "auto",
     store: StoreOpt = None,
     scale: ScaleOpt = None,
+    new_class_floor: FloorOpt = 0.0,
 ) -> None:
     """Masks of a whole dataset split, with the dataset's class names (held-out classes included)."""
     from tasks.segment import export_split
 
     try:
-        count = export_split(open_store(store), split, out, checkpoint, device, scales=scale or [1.0])
+        count = export_split(open_store(store), split, out, checkpoint, device, scales=scale or [1.0],
+                             new_class_floor=new_class_floor)
     except (StoreError, ValueError) as e:
         fail(str(e), code=1)
     console.print(f"wrote masks of {count} image(s) of split {split} to {out}")

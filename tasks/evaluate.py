@@ -21,30 +21,26 @@ from clips4.data.io import read_image
 from clips4.data.records import Record
 from clips4.device import resolve_device
 from clips4.evaluation import (
-    argmax_shares,
     cone_shift,
-    cosine_logits,
     language_logits,
     resize_labels,
-    sample_pixels,
     score_classifier,
-    share_floor_bias,
     train_linear_probe,
     unsupervised_segmentation,
     upsample_argmax,
 )
-from clips4.inference import embed_multiscale, scales_label, student_embedder
+from clips4.inference import embed_multiscale, scales_label, strided, student_embedder
 from clips4.maskclip import maskclip_logits
 from clips4.progress import track
 from clips4.training import move_across_gap
 from clips4.visualize import embedding_comparison, overlay_grid, share_bars
 from storage import ArtifactFiles, Store, StoreError
+from tasks.calibration import FLOOR_IMAGES, Embedder, array_embedder, new_class_floor
 from tasks.common import StageResult, run_stage
 from tasks.features import teacher_dense
 from tasks.readers import DataArtifact, FeaturesArtifact, TrainArtifact, load_teacher
 from tasks.report import publish_metrics
 
-Embedder = Callable[[list[int]], torch.Tensor]
 CACHE = "cache"  # student embeddings of the evaluated splits, removed once the tables are written
 
 
@@ -61,11 +57,6 @@ class SplitBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i, r in enumerate(self.records):
             yield self.embed([i]), torch.from_numpy(self.read_label(r.label_path).astype(np.int64))[None]
-
-
-def array_embedder(features) -> Embedder:
-    """Embeddings [B,D,h,w] read from a stored [N,h,w,D] array (teacher features or cached student embeddings)."""
-    return lambda idx: torch.from_numpy(np.asarray(features[idx[0] : idx[-1] + 1])).permute(0, 3, 1, 2).float()
 
 
 def cache_embeddings(files: ArtifactFiles, name: str, embed: Callable[[list[np.ndarray]], torch.Tensor],
@@ -133,8 +124,10 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
             cached = cache_embeddings(files, "train", student, data.records("train"), e.batch_size)
             train_embedders["clips4"] = array_embedder(cached)
         if floor and "clips4" in train_embedders:
-            n_train = len(data.records("train"))
-            bias, table = _new_class_floor(cfg, train_embedders, n_train, text, centre, held, classes.names, device)
+            bias, table = new_class_floor(
+                train_embedders["maskclip"], train_embedders["clips4"], strided(len(data.records("train")), FLOOR_IMAGES),
+                e.batch_size, text, centre, held, classes.names, e.new_class_floor, e.calibration_pixels, e.seed, device,
+            )
             files.write_table("calibration", table, also=("csv",))
             share_bars(table, files.file("calibration.png"))
             classify["clips4"] = partial(language_logits, weights=text, centre=centre, bias=bias)
@@ -188,33 +181,6 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
         for r in rows
         if r["metric"] in ("mIoU", "mIoU_known", "mIoU_unknown")
     }
-
-
-def _new_class_floor(cfg: PipelineConfig, train_embedders: dict[str, Embedder], n_train: int, text: torch.Tensor,
-                     centre: torch.Tensor | None, held: list[int], names: list[str], device: torch.device
-                     ) -> tuple[torch.Tensor, pd.DataFrame]:
-    """The bias that gives each class named only at test time ``evaluate.new_class_floor`` x MaskCLIP's share of
-    the train split's pixels in the student's argmax (:func:`clips4.evaluation.share_floor_bias`), and a table of
-    both shares per class. Uses the train images without their labels."""
-    e = cfg.evaluate
-    batches = [list(range(s, min(s + e.batch_size, n_train))) for s in range(0, n_train, e.batch_size)]
-    teacher = train_embedders["maskclip"]
-    teacher_share = argmax_shares(
-        (cosine_logits(teacher(idx).to(device), text) for idx in track(batches, "teacher shares", unit="batch")),
-        len(names),
-    )
-    pixels = sample_pixels((train_embedders["clips4"](idx) for idx in batches), e.calibration_pixels, e.seed)
-    scores = language_logits(pixels.to(device)[:, :, None, None], text, centre)[:, :, 0, 0].cpu()
-    bias = share_floor_bias(scores, teacher_share, held, e.new_class_floor)
-    table = pd.DataFrame({
-        "class": names,
-        "held_out": [i in held for i in range(len(names))],
-        "maskclip_share": teacher_share.numpy(),
-        "clips4_share": argmax_shares([scores], len(names)).numpy(),
-        "bias": bias.numpy(),
-        "clips4_share_with_bias": argmax_shares([scores + bias], len(names)).numpy(),
-    })
-    return bias.to(device), table
 
 
 def _teacher_key(store: Store, features_key: str) -> str:

@@ -163,7 +163,7 @@ def test_segment_and_export_masks_on_unseen_images(tmp_path, run) -> None:
     from clips4.data.synthetic import SyntheticWorld
     from flows.cli import app
 
-    results = run(stages=["data", "teacher", "features", "cluster", "train"])
+    results = run()
     # Images from a world the student never saw (another seed), and class names given only now.
     world = SyntheticWorld(SyntheticConfig(seed=123, image_size=48))
     paths = []
@@ -190,6 +190,29 @@ def test_segment_and_export_masks_on_unseen_images(tmp_path, run) -> None:
                                 "--out", str(tmp_path / "val"), "--store", str(tmp_path)])
     assert exported.exit_code == 0, exported.output
     assert len(list((tmp_path / "val").glob("*_mask.png"))) == 8
+    assert not (tmp_path / "val" / "calibration.csv").exists()
+
+    # With the evaluate stage's share floor and test scales, the export measures the shares (hence the bias) the
+    # evaluate stage scored with, on the held-out names only (float16 cached embeddings there, float32 here).
+    scales = ["--scale", "2", "--scale", "3", "--scale", "4"]
+    floored = cli.invoke(app, ["export-masks", "--split", "val", "--out", str(tmp_path / "floored"),
+                               "--store", str(tmp_path), "--new-class-floor", "0.25", *scales])
+    assert floored.exit_code == 0, floored.output
+    mine = pd.read_csv(tmp_path / "floored" / "calibration.csv")
+    scored = Store(tmp_path).open(results["evaluate"].key).read_table("calibration")
+    assert mine["class"].tolist() == scored["class"].tolist()
+    assert mine["held_out"].tolist() == scored["held_out"].tolist()
+    np.testing.assert_allclose(mine["maskclip_share"], scored["maskclip_share"], atol=1e-6)
+    np.testing.assert_allclose(mine["clips4_share"], scored["clips4_share"], atol=0.01)
+    np.testing.assert_allclose(mine["bias"], scored["bias"], atol=0.05)
+    assert (tmp_path / "floored" / "calibration.png").is_file()
+    # A user's own names: only those the student was never trained on (star) can get a bias.
+    named = cli.invoke(app, ["segment", *paths, "--classes", "grass, kite, star", "--out", str(tmp_path / "named"),
+                             "--store", str(tmp_path), "--new-class-floor", "1", *scales])
+    assert named.exit_code == 0, named.output
+    calibration = pd.read_csv(tmp_path / "named" / "calibration.csv")
+    assert calibration["held_out"].tolist() == [False, False, True]
+    assert (calibration.loc[:1, "bias"] == 0).all()
 
     missing = cli.invoke(app, ["segment", str(tmp_path / "nope.png"), "--classes", "a", "--store", str(tmp_path)])
     assert missing.exit_code != 0 and "nope.png" in missing.output
