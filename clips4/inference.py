@@ -103,8 +103,8 @@ def embedding_centre(embed: Callable[[np.ndarray], torch.Tensor], images: np.nda
     picked = strided(images.shape[0], max_images)
     total, pixels = None, 0
     for start in track(range(0, len(picked), batch_size), "embedding centre", unit="batch"):
-        part = picked[start : start + batch_size]
-        emb = F.normalize(embed(images[part.start : part.stop : part.step]).float(), dim=1)
+        chunk = picked[start : start + batch_size]
+        emb = F.normalize(embed(images[chunk.start : chunk.stop : chunk.step]).float(), dim=1)
         part = emb.sum(dim=(0, 2, 3))
         total = part if total is None else total + part
         pixels += emb.shape[0] * emb.shape[2] * emb.shape[3]
