@@ -128,6 +128,9 @@ class FeaturesArtifact(StoredArtifact):
     def features(self, split: str, mode: str = "r"):
         return self.files.open_array(f"{split}/features.zarr", mode)
 
+    def has_features(self, split: str) -> bool:
+        return self.files.has(f"{split}/features.zarr")
+
     def keys(self, split: str, mode: str = "r"):
         return self.files.open_array(f"{split}/keys.zarr", mode) if self.files.has(f"{split}/keys.zarr") else None
 

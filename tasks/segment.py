@@ -66,7 +66,7 @@ def new_class_bias(store: Store, key: str, segmenter: Segmenter, text: torch.Ten
         return None
     records = data.records("train")
     features = FeaturesArtifact.open(store, features_key)
-    if not records or not features.files.has("train/features.zarr"):
+    if not records or not features.has_features("train"):
         raise StoreError(f"--new-class-floor needs the train split's images and teacher features, which {data_key} / "
                          f"{features_key} lack; pass --new-class-floor 0")
     defaults = EvaluateConfig()

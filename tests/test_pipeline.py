@@ -213,6 +213,9 @@ def test_segment_and_export_masks_on_unseen_images(tmp_path, run) -> None:
     calibration = pd.read_csv(tmp_path / "named" / "calibration.csv")
     assert calibration["held_out"].tolist() == [False, False, True]
     assert (calibration.loc[:1, "bias"] == 0).all()
+    too_high = cli.invoke(app, ["segment", paths[0], "--classes", "grass, star", "--store", str(tmp_path),
+                                "--new-class-floor", "2"])
+    assert too_high.exit_code == 2 and "new-class-floor" in too_high.output
 
     missing = cli.invoke(app, ["segment", str(tmp_path / "nope.png"), "--classes", "a", "--store", str(tmp_path)])
     assert missing.exit_code != 0 and "nope.png" in missing.output
