@@ -18,9 +18,9 @@ from clips4.data.io import read_image
 from clips4.data.prepare import resize_square
 from clips4.device import resolve_device
 from clips4.maskclip import extract_dense
-from flows.pipeline import execute
-from storage import Store
-from tasks.readers import DataArtifact, load_teacher
+from clips4.flows.pipeline import execute
+from clips4.storage import Store
+from clips4.tasks.readers import DataArtifact, load_teacher
 
 
 def main() -> None:

@@ -30,13 +30,13 @@ step() {  # step NAME MAX_SECONDS COMMAND...: run it with at most MAX_SECONDS, n
   echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$out/summary.txt"
 }
 
-run=("$py" -m flows.cli run --preset demo)
+run=("$py" -m clips4.flows.cli run --preset demo)
 step env 60 "$py" -c "
 import faiss, open_clip, prefect, torch, zarr
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())
 print('faiss', faiss.__version__, 'gpus', faiss.get_num_gpus() if hasattr(faiss, 'get_num_gpus') else 'cpu build')
 print('open_clip', open_clip.__version__, 'prefect', prefect.__version__, 'zarr', zarr.__version__)
-import flows.cli, tasks.train, tasks.cluster"
+import clips4.flows.cli, clips4.tasks.train, clips4.tasks.cluster"
 step demo 180 "${run[@]}"
 step ddp 60 "$py" -m torch.distributed.run --standalone --nproc-per-node 1 "${run[@]:1}" --stages train \
   --set train.steps=60

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 STAGES: tuple[str, ...] = ("data", "teacher", "features", "cluster", "train", "evaluate")
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESET_DIR = Path(__file__).resolve().parent / "configs"  # presets ship inside the package
 MIN_TEST_SCALE, MAX_TEST_SCALE = 0.25, 4.0  # evaluate.test_scales and `clips4 segment --scale`
 
 

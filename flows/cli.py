@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clips4.config import STAGES, ConfigError, reference_markdown, resolve_config, to_yaml
-from storage import Store, StoreError
+from clips4.config import STAGES, ConfigError, list_presets, reference_markdown, resolve_config, to_yaml
+from clips4.storage import Store, StoreError
 
 app = typer.Typer(help="CLIP-S4 semantic segmentation without labels, as a resumable pipeline.", no_args_is_help=True)
 config_app = typer.Typer(help="Resolve and print configurations.", no_args_is_help=True)
@@ -26,7 +26,7 @@ console = Console()
 err = Console(stderr=True)
 
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Store root (default: $CLIPS4_STORE, else ~/.cache/clips4/store).")]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", help="A preset from configs/ (e.g. demo).")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", help="A preset shipped in clips4/configs (e.g. demo), or see `clips4 config presets`.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="A YAML config file.")]
 CheckpointOpt = Annotated[Optional[str], typer.Option(help="Train artifact key or folder (default: newest).")]
 OutOpt = Annotated[Path, typer.Option(help="Output folder.")]
@@ -54,6 +54,12 @@ def config_show(preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt
     """Print the resolved configuration as YAML."""
     cfg = load_config(preset, config, set_)
     sys.stdout.write(to_yaml(cfg))
+
+
+@config_app.command("presets")
+def config_presets() -> None:
+    """List the presets shipped with clips4."""
+    sys.stdout.write("".join(f"{name}\n" for name in list_presets()))
 
 
 @config_app.command("reference")
@@ -155,7 +161,7 @@ def run(
     bad = [s for s in chosen + ([force] if force else []) if s not in STAGES]
     if bad:
         fail(f"unknown stage(s) {', '.join(bad)}; stages are {', '.join(STAGES)}")
-    from tasks.train import follow_train, torchrun_rank
+    from clips4.tasks.train import follow_train, torchrun_rank
 
     if torchrun_rank() > 0:
         try:
@@ -163,7 +169,7 @@ def run(
         except (StoreError, ValueError, OSError) as e:
             fail(str(e), code=1)
         return
-    from flows.pipeline import PipelineError, run_pipeline
+    from clips4.flows.pipeline import PipelineError, run_pipeline
 
     try:
         run_pipeline(preset, str(config) if config else None, set_, chosen, force, store, console)
@@ -183,7 +189,7 @@ def segment(
     new_class_floor: FloorOpt = 0.0,
 ) -> None:
     """Label maps (palette PNG and raw ids) and overlays for your own images, with any class names."""
-    from tasks.segment import segment_files
+    from clips4.tasks.segment import segment_files
 
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
@@ -207,7 +213,7 @@ def export_masks(
     new_class_floor: FloorOpt = 0.0,
 ) -> None:
     """Masks of a whole dataset split, with the dataset's class names (held-out classes included)."""
-    from tasks.segment import export_split
+    from clips4.tasks.segment import export_split
 
     try:
         count = export_split(open_store(store), split, out, checkpoint, device, scales=scale or [1.0],
@@ -224,7 +230,7 @@ def serve_cmd(
     store: StoreOpt = None,
 ) -> None:
     """Serve deployments of the pipeline and of every stage to the Prefect server in PREFECT_API_URL."""
-    from flows.serve import serve_all
+    from clips4.flows.serve import serve_all
 
     serve_all(name, store, limit)
 

@@ -18,10 +18,10 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from clips4.config import STAGES, PipelineConfig, resolve_config  # noqa: E402
-from storage import Store  # noqa: E402
-from tasks import STAGE_TASKS  # noqa: E402
-from tasks.common import StageResult, forced_stages, plan_keys, upstream_stages  # noqa: E402
-from tasks.report import publish_run_summary  # noqa: E402
+from clips4.storage import Store  # noqa: E402
+from clips4.tasks import STAGE_TASKS  # noqa: E402
+from clips4.tasks.common import StageResult, forced_stages, plan_keys, upstream_stages  # noqa: E402
+from clips4.tasks.report import publish_run_summary  # noqa: E402
 
 
 class PipelineError(RuntimeError):

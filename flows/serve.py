@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prefect import serve
 
-from flows.pipeline import STAGE_FLOWS, clips4_pipeline
+from clips4.flows.pipeline import STAGE_FLOWS, clips4_pipeline
 
 
 def deployments(name: str = "default", store: str | None = None, limit: int | None = None) -> list:

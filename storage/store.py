@@ -30,7 +30,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from storage.formats import ArtifactFiles
+from clips4.storage.formats import ArtifactFiles
 
 KEY_PATTERN = re.compile(r"^(?P<kind>[a-z][a-z0-9_]*)-(?P<digest>[0-9a-f]{10})$")
 DEFAULT_STORE = Path.home() / ".cache" / "clips4" / "store"

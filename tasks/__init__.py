@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tasks.cluster import cluster_task
-from tasks.common import StageResult
-from tasks.data import data_task
-from tasks.evaluate import evaluate_task
-from tasks.features import features_stage
-from tasks.teacher import teacher_task
-from tasks.train import train_task
+from clips4.tasks.cluster import cluster_task
+from clips4.tasks.common import StageResult
+from clips4.tasks.data import data_task
+from clips4.tasks.evaluate import evaluate_task
+from clips4.tasks.features import features_stage
+from clips4.tasks.teacher import teacher_task
+from clips4.tasks.train import train_task
 
 STAGE_TASKS: dict[str, Callable[..., StageResult]] = {
     "data": data_task,

@@ -10,9 +10,9 @@ from prefect import task
 from clips4.config import PipelineConfig
 from clips4.prototypes import close_gap, modality_gap, unknown_prototypes
 from clips4.visualize import prototype_map
-from storage import ArtifactFiles, Store
-from tasks.common import StageResult, run_stage
-from tasks.readers import PROTOTYPES, FeaturesArtifact
+from clips4.storage import ArtifactFiles, Store
+from clips4.tasks.common import StageResult, run_stage
+from clips4.tasks.readers import PROTOTYPES, FeaturesArtifact
 
 
 def sample_features(features, size: int, seed: int) -> np.ndarray:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clips4.config import STAGES, PipelineConfig, to_yaml
-from storage import ArtifactFiles, Store, make_key
-from tasks.readers import CONFIG
+from clips4.storage import ArtifactFiles, Store, make_key
+from clips4.tasks.readers import CONFIG
 
 # Bump a stage's number when what it writes changes shape or meaning: old artifacts then stop matching.
 FORMAT_VERSION: dict[str, int] = {

@@ -15,9 +15,9 @@ from clips4.data.records import Record
 from clips4.data.regions import compute_regions
 from clips4.data.validate import validate_records
 from clips4.progress import track
-from storage import ArtifactFiles, Store
-from tasks.common import StageResult, run_stage
-from tasks.readers import CLASSES, RECORDS, REPORT, TRAIN_IMAGES, TRAIN_REGIONS, WORLD, classes_to_json
+from clips4.storage import ArtifactFiles, Store
+from clips4.tasks.common import StageResult, run_stage
+from clips4.tasks.readers import CLASSES, RECORDS, REPORT, TRAIN_IMAGES, TRAIN_REGIONS, WORLD, classes_to_json
 
 
 def _relative(path: str | None, base: Path) -> str | None:

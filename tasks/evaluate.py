@@ -34,12 +34,12 @@ from clips4.maskclip import maskclip_logits
 from clips4.progress import track
 from clips4.training import move_across_gap
 from clips4.visualize import embedding_comparison, overlay_grid, share_bars
-from storage import ArtifactFiles, Store, StoreError
-from tasks.calibration import FLOOR_IMAGES, Embedder, array_embedder, new_class_floor
-from tasks.common import StageResult, run_stage
-from tasks.features import teacher_dense
-from tasks.readers import DataArtifact, FeaturesArtifact, TrainArtifact, load_teacher
-from tasks.report import publish_metrics
+from clips4.storage import ArtifactFiles, Store, StoreError
+from clips4.tasks.calibration import FLOOR_IMAGES, Embedder, array_embedder, new_class_floor
+from clips4.tasks.common import StageResult, run_stage
+from clips4.tasks.features import teacher_dense
+from clips4.tasks.readers import DataArtifact, FeaturesArtifact, TrainArtifact, load_teacher
+from clips4.tasks.report import publish_metrics
 
 CACHE = "cache"  # student embeddings of the evaluated splits, removed once the tables are written
 

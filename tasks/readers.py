@@ -16,7 +16,7 @@ import torch
 
 from clips4.config import DataConfig
 from clips4.data.records import ClassInfo, Record
-from storage import ArtifactFiles, Store
+from clips4.storage import ArtifactFiles, Store
 
 CONFIG = "config.yaml"  # every artifact's own config section, written by tasks.common.run_stage
 RECORDS = "records"

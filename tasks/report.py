@@ -6,8 +6,8 @@ import pandas as pd
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from clips4.config import PipelineConfig
-from storage import Store
-from tasks.common import StageResult
+from clips4.storage import Store
+from clips4.tasks.common import StageResult
 
 
 def artifact_key(text: str) -> str:

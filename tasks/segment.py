@@ -15,9 +15,9 @@ from clips4.device import resolve_device
 from clips4.inference import Segmenter, parse_class_names, strided
 from clips4.progress import track
 from clips4.visualize import blend_labels, share_bars
-from storage import Store, StoreError
-from tasks.calibration import FLOOR_IMAGES, array_embedder, new_class_floor, new_class_ids
-from tasks.readers import DataArtifact, FeaturesArtifact, TrainArtifact, load_teacher
+from clips4.storage import Store, StoreError
+from clips4.tasks.calibration import FLOOR_IMAGES, array_embedder, new_class_floor, new_class_ids
+from clips4.tasks.readers import DataArtifact, FeaturesArtifact, TrainArtifact, load_teacher
 
 
 def resolve_train_key(store: Store, checkpoint: str | None) -> str:

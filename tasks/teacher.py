@@ -17,9 +17,9 @@ from clips4.device import resolve_device
 from clips4.progress import track
 from clips4.teacher import create_teacher, pretrain_synthetic, register_model_configs, retrieval_top1, save_teacher
 from clips4.visualize import plot_curves
-from storage import ArtifactFiles, Store
-from tasks.common import StageResult, run_stage
-from tasks.readers import MODEL_DIR, TEACHER_INFO, DataArtifact, load_teacher
+from clips4.storage import ArtifactFiles, Store
+from clips4.tasks.common import StageResult, run_stage
+from clips4.tasks.readers import MODEL_DIR, TEACHER_INFO, DataArtifact, load_teacher
 
 
 def _split_arrays(data: DataArtifact, split: str, size: int) -> tuple[np.ndarray, list[str]]:

@@ -24,9 +24,9 @@ from clips4.device import resolve_device
 from clips4.inference import CENTRE_BATCH, embedding_centre, student_embedder
 from clips4.training import WEIGHTS_FILE, TrainData, train_student
 from clips4.visualize import plot_curves
-from storage import ArtifactFiles, Store
-from tasks.common import StageResult, forced_stages, plan_keys, run_stage, upstream_stages
-from tasks.readers import PROTOTYPES, STUDENT, STUDENT_INFO, DataArtifact, FeaturesArtifact
+from clips4.storage import ArtifactFiles, Store
+from clips4.tasks.common import StageResult, forced_stages, plan_keys, run_stage, upstream_stages
+from clips4.tasks.readers import PROTOTYPES, STUDENT, STUDENT_INFO, DataArtifact, FeaturesArtifact
 
 # Training reads every image steps*batch/N times. Reading one image's (pixels, regions, CLIP map) from Zarr costs
 # ~8 ms here, ~80 s over the demo's 9600 image reads; reading the three arrays whole takes 1.6 s. Arrays up to this

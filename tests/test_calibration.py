@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from clips4.evaluation import predict_language
-from tasks.calibration import array_embedder, new_class_floor, new_class_ids
+from clips4.tasks.calibration import array_embedder, new_class_floor, new_class_ids
 
 
 def test_new_class_ids_match_any_synonym_case_aside() -> None:

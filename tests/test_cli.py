@@ -10,8 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from clips4.config import STAGES
-from flows.cli import app
-from storage import Store, make_key
+from clips4.flows.cli import app
+from clips4.storage import Store, make_key
 
 runner = CliRunner()
 
@@ -57,5 +57,5 @@ def test_run_refuses_unknown_stage() -> None:
 
 
 def test_console_script_installed() -> None:
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "store", "ls", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "clips4.flows.cli", "store", "ls", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--json" in out.stdout

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import Store
+from clips4.storage import Store
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from clips4.config import resolve_config
-from flows.pipeline import execute
-from tasks.readers import FeaturesArtifact
-from storage import Store
+from clips4.flows.pipeline import execute
+from clips4.tasks.readers import FeaturesArtifact
+from clips4.storage import Store
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def test_killed_features_stage_resumes_without_recomputing(tmp_path, tiny, prefe
     for root in (killed, clean):
         execute(cfg, ["data", "teacher"], None, str(root))
 
-    args = [sys.executable, "-m", "flows.cli", "run", "--preset", "demo", "--stages", "features", "--store", str(killed)]
+    args = [sys.executable, "-m", "clips4.flows.cli", "run", "--preset", "demo", "--stages", "features", "--store", str(killed)]
     args += [a for o in _overrides(tiny) for a in ("--set", o)]
     from prefect.settings import PREFECT_API_URL
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from clips4.config import STAGES, resolve_config
-from flows.pipeline import PipelineError, execute
-from storage import Store
+from clips4.flows.pipeline import PipelineError, execute
+from clips4.storage import Store
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_pipeline_end_to_end_reuse_and_invalidation(tmp_path, run) -> None:
     assert {m.kind for m in store.list()} == set(STAGES)
 
     # Stored features: [N, h, w, D] float16, one chunk per image.
-    from tasks.readers import FeaturesArtifact
+    from clips4.tasks.readers import FeaturesArtifact
 
     feats = FeaturesArtifact.open(store, first["features"].key).features("train")
     assert feats.dtype == "float16" and feats.shape[0] == 24 and feats.chunks[0] == 1
@@ -53,7 +53,7 @@ def test_pipeline_end_to_end_reuse_and_invalidation(tmp_path, run) -> None:
     # The student was trained towards the known classes' text cone; the train stage stores where its embeddings
     # sit, and the evaluate stage re-centres from there on the classes it names (settable, evaluate only).
     from clips4.inference import embedding_centre, student_embedder
-    from tasks.readers import DataArtifact, TrainArtifact
+    from clips4.tasks.readers import DataArtifact, TrainArtifact
 
     trained = TrainArtifact.open(store, first["train"].key)
     assert trained.gap() is not None
@@ -109,14 +109,14 @@ def test_train_stage_under_torchrun_trains_with_every_rank(tmp_path, run, tiny, 
     import subprocess
     import sys
 
-    from tasks.train import follow_train
+    from clips4.tasks.train import follow_train
 
     run(stages=["data", "teacher", "features", "cluster"])
     sets = [arg for o in [*tiny, "train.device=cpu"] for arg in ("--set", o)]  # two ranks even on a one-GPU machine
     env = {**child_env, "PREFECT_HOME": str(tmp_path / "prefect")}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "flows.cli", "run", "--preset", "demo", *sets, "--stages", "train", "--store", str(tmp_path)],
+         "-m", "clips4.flows.cli", "run", "--preset", "demo", *sets, "--stages", "train", "--store", str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -135,8 +135,8 @@ def test_baseline_only_evaluation(tmp_path, run, tiny) -> None:
 
     from clips4.data.io import read_image
     from clips4.data.prepare import resize_square
-    from tasks.evaluate import maskclip_embedder
-    from tasks.readers import DataArtifact, FeaturesArtifact, load_teacher
+    from clips4.tasks.evaluate import maskclip_embedder
+    from clips4.tasks.readers import DataArtifact, FeaturesArtifact, load_teacher
 
     results = run(stages=["data", "teacher", "features", "evaluate"])
     store = Store(tmp_path)
@@ -161,7 +161,7 @@ def test_segment_and_export_masks_on_unseen_images(tmp_path, run) -> None:
 
     from clips4.config import SyntheticConfig
     from clips4.data.synthetic import SyntheticWorld
-    from flows.cli import app
+    from clips4.flows.cli import app
 
     results = run()
     # Images from a world the student never saw (another seed), and class names given only now.

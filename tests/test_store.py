@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from storage import Store, StoreError, make_key, validate_key
+from clips4.storage import Store, StoreError, make_key, validate_key
 
 
 def test_keys_are_deterministic_and_validated() -> None:
@@ -120,7 +120,7 @@ def test_remove_refuses_downstream_and_cascades(tmp_path) -> None:
 WRITER = textwrap.dedent(
     """
     import sys, time
-    from storage import Store
+    from clips4.storage import Store
     st = Store(sys.argv[1])
     def build(files):
         files.write_json("begun.json", 1)
