@@ -17,7 +17,6 @@ import logging
 import warnings
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 
@@ -40,15 +39,29 @@ class KMeansResult:
     inertia: float
 
 
+INSTALL_FAISS = "pip install 'clips4[cpu]' (or 'clips4[gpu]' for faiss-gpu; install one, never both)"
+
+
+def load_faiss():
+    """The faiss module, or one error saying how to install it: clips4 leaves the choice of CPU or GPU build to the
+    user, since both builds install the same module and cannot sit side by side."""
+    try:
+        import faiss
+    except ImportError:
+        raise RuntimeError(f"faiss is not installed: {INSTALL_FAISS}") from None
+    return faiss
+
+
 class NearestCentre:
     """Max-inner-product assignment of points to centres with a FAISS flat index, on the GPU when faiss can."""
 
     def __init__(self, dim: int, use_gpu: bool | None = None) -> None:
+        faiss = load_faiss()
         gpu_ok = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
         if use_gpu and not gpu_ok:
             raise RuntimeError(
                 "GPU clustering was asked for but this faiss has no GPU support or sees no GPU; "
-                "install faiss-gpu, or set cluster.device to 'auto' or 'cpu'"
+                "install 'clips4[gpu]' in place of 'clips4[cpu]', or set cluster.device to 'auto' or 'cpu'"
             )
         self.on_gpu = gpu_ok and use_gpu is not False
         self.index = faiss.IndexFlatIP(dim)
