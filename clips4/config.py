@@ -129,7 +129,9 @@ class DataConfig(Section):
     )
     regions: RegionsConfig = Field(default_factory=RegionsConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
-    num_workers: int = volatile(0, "Threads that decode images during validation (0 = in the calling thread).")
+    num_workers: int = volatile(
+        0, "Parallel workers: threads that check images, then processes that compute superpixels (0 = none)."
+    )
 
 
 # -------------------------------------------------------------------------------------------------------- teacher

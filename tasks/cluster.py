@@ -12,6 +12,7 @@ from clips4.prototypes import close_gap, modality_gap, unknown_prototypes
 from clips4.visualize import prototype_map
 from clips4.storage import ArtifactFiles, Store
 from clips4.tasks.common import StageResult, run_stage
+from clips4.tasks.observe import observed
 from clips4.tasks.readers import PROTOTYPES, FeaturesArtifact
 
 
@@ -72,4 +73,5 @@ def build_cluster(cfg: PipelineConfig, store: Store, upstream: dict[str, str], f
 def cluster_task(cfg: PipelineConfig, store_root: str, upstream: dict[str, str], force: bool = False) -> StageResult:
     """Build (or reuse) the unknown-prototype artifact."""
     store = Store(store_root)
-    return run_stage(store, cfg, "cluster", upstream, lambda files: build_cluster(cfg, store, upstream, files), force)
+    with observed():
+        return run_stage(store, cfg, "cluster", upstream, lambda files: build_cluster(cfg, store, upstream, files), force)

@@ -9,14 +9,13 @@ from prefect import task
 
 from clips4.config import PipelineConfig
 from clips4.data.datasets import get_dataset
-from clips4.data.io import read_image
-from clips4.data.prepare import resize_square
 from clips4.data.records import Record
-from clips4.data.regions import compute_regions
+from clips4.data.regions import prepare_all
 from clips4.data.validate import validate_records
 from clips4.progress import track
 from clips4.storage import ArtifactFiles, Store
 from clips4.tasks.common import StageResult, run_stage
+from clips4.tasks.observe import observed
 from clips4.tasks.readers import CLASSES, RECORDS, REPORT, TRAIN_IMAGES, TRAIN_REGIONS, WORLD, classes_to_json
 
 
@@ -58,10 +57,10 @@ def build_data(cfg: PipelineConfig, files: ArtifactFiles) -> dict:
     if train:
         images = files.create_array(TRAIN_IMAGES, (len(train), size, size, 3), (1, size, size, 3), "uint8")
         regions = files.create_array(TRAIN_REGIONS, (len(train), size, size), (1, size, size), "int32")
-        for i, r in enumerate(track(train, "superpixel regions", unit="img")):
-            image = resize_square(read_image(r.image_path), size)
+        done = prepare_all([r.image_path for r in train], size, data.regions, data.num_workers)
+        for i, (image, region) in enumerate(track(done, "superpixel regions", len(train), unit="img")):
             images[i] = image
-            regions[i] = compute_regions(image, data.regions)
+            regions[i] = region
     counts = table.groupby("split").size().to_dict()
     return {"images": {k: int(v) for k, v in counts.items()}, "bad_inputs": len(report.problems), "classes": dataset.classes.num_classes}
 
@@ -69,4 +68,5 @@ def build_data(cfg: PipelineConfig, files: ArtifactFiles) -> dict:
 @task(name="data-stage")
 def data_task(cfg: PipelineConfig, store_root: str, upstream: dict[str, str], force: bool = False) -> StageResult:
     """Build (or reuse) the dataset artifact."""
-    return run_stage(Store(store_root), cfg, "data", upstream, lambda files: build_data(cfg, files), force)
+    with observed():
+        return run_stage(Store(store_root), cfg, "data", upstream, lambda files: build_data(cfg, files), force)

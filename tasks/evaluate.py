@@ -39,7 +39,8 @@ from clips4.tasks.calibration import FLOOR_IMAGES, Embedder, array_embedder, new
 from clips4.tasks.common import StageResult, run_stage
 from clips4.tasks.features import teacher_dense
 from clips4.tasks.readers import DataArtifact, FeaturesArtifact, TrainArtifact, load_teacher
-from clips4.tasks.report import publish_metrics
+from clips4.tasks.observe import observed
+from clips4.tasks.report import publish_metrics, publish_pictures
 
 CACHE = "cache"  # student embeddings of the evaluated splits, removed once the tables are written
 
@@ -53,6 +54,10 @@ class SplitBatches:
     records: list[Record]
     embed: Embedder
     read_label: Callable[[str], np.ndarray]
+
+    def __len__(self) -> int:
+        """Known length, so progress shows a total and time left."""
+        return len(self.records)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i, r in enumerate(self.records):
@@ -175,7 +180,6 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
     files.write_table("per_class", pd.concat(per_class, ignore_index=True), also=("csv",))
     _pictures(cfg, files, data, records, embedders, {m: classify.get(m, language) for m in embedders}, device)
     shutil.rmtree(files.file(CACHE), ignore_errors=True)
-    publish_metrics(cfg, metrics)
     return {
         f"{r['method']}/{r['task']}/{r['metric']}": round(r["value"], 4)
         for r in rows
@@ -243,6 +247,10 @@ def _pictures(cfg, files: ArtifactFiles, data: DataArtifact, records, embedders:
 
 @task(name="evaluate-stage")
 def evaluate_task(cfg: PipelineConfig, store_root: str, upstream: dict[str, str], force: bool = False) -> StageResult:
-    """Build (or reuse) the evaluation artifact: metric tables and pictures."""
+    """Build (or reuse) the evaluation artifact: metric tables and pictures, also shown in the run's artifacts."""
     store = Store(store_root)
-    return run_stage(store, cfg, "evaluate", upstream, lambda files: build_evaluate(cfg, store, upstream, files), force)
+    with observed():
+        result = run_stage(store, cfg, "evaluate", upstream, lambda files: build_evaluate(cfg, store, upstream, files), force)
+        publish_metrics(cfg, store, result.key, upstream)
+        publish_pictures(cfg, store, result.key)
+    return result

@@ -1,13 +1,22 @@
-"""Prefect artifacts that point people at the store: the run summary (markdown) and metric tables."""
+"""Prefect artifacts that point people at the store: the run summary, the metric and loss tables, the pictures.
+
+Every publication is best effort (:func:`~clips4.tasks.observe.best_effort`): skipped outside a Prefect run, logged
+rather than raised when the API refuses it. The store stays the source of truth; artifacts are views of it.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from clips4.config import PipelineConfig
 from clips4.storage import Store
 from clips4.tasks.common import StageResult
+from clips4.tasks.observe import best_effort
+
+LOSS_ROWS = 100  # a loss table artifact shows at most this many steps, spread evenly over training
+PICTURES = ("overlays.png", "embeddings.png", "calibration.png")  # what the evaluate stage draws, in reading order
 
 
 def artifact_key(text: str) -> str:
@@ -15,6 +24,31 @@ def artifact_key(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
+def _records(table: pd.DataFrame) -> list[dict]:
+    """Rows as JSON-ready dicts: values rounded, missing cells as null (JSON has no NaN)."""
+    table = table.round(4).astype(object)
+    return table.where(table.notna(), None).to_dict(orient="records")
+
+
+def metric_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The evaluate stage's tidy table (method, task, metric, value) with one row per method and one column per
+    task and metric ("language mIoU"), both in the order the stage wrote them."""
+    cells = metrics.assign(column=metrics["task"] + " " + metrics["metric"])
+    wide = cells.pivot(index="method", columns="column", values="value")
+    wide = wide.reindex(index=pd.unique(cells["method"]), columns=pd.unique(cells["column"]))
+    return wide.rename_axis(index="method", columns=None).reset_index()
+
+
+def loss_table(losses: pd.DataFrame, rows: int = LOSS_ROWS) -> pd.DataFrame:
+    """The train stage's loss log (step, component, value) as one row per step and one column per loss, cut to at
+    most ``rows`` steps spread evenly from the first to the last."""
+    wide = losses.pivot(index="step", columns="component", values="value")
+    wide = wide.reindex(columns=pd.unique(losses["component"]))
+    picks = np.unique(np.linspace(0, len(wide) - 1, min(rows, len(wide))).round().astype(int))
+    return wide.iloc[picks].rename_axis(index="step", columns=None).reset_index()
+
+
+@best_effort
 def publish_run_summary(cfg: PipelineConfig, store: Store, results: list[StageResult]) -> None:
     lines = [f"# clips4 run: {cfg.name}", "", "| stage | status | key | seconds | path |", "|---|---|---|---|---|"]
     for r in results:
@@ -25,7 +59,33 @@ def publish_run_summary(cfg: PipelineConfig, store: Store, results: list[StageRe
     )
 
 
-def publish_metrics(cfg: PipelineConfig, metrics: pd.DataFrame) -> None:
-    """The evaluate stage's tidy metric table, keyed per preset (the store keeps the source of truth)."""
-    rows = metrics.round(4).astype(object).where(metrics.notna(), None).to_dict(orient="records")
-    create_table_artifact(rows, key=artifact_key(f"clips4-metrics-{cfg.name}"), description="clips4 metrics")
+@best_effort
+def publish_metrics(cfg: PipelineConfig, store: Store, key: str, upstream: dict[str, str]) -> None:
+    """The evaluate artifact's metrics, methods as rows, and where they come from (preset, dataset, artifact keys)."""
+    table = metric_table(store.open(key).read_table("metrics"))
+    sources = ", ".join(f"{stage} `{k}`" for stage, k in [("evaluate", key), *upstream.items()] if stage != "data")
+    description = (f"clips4 metrics of preset `{cfg.name}` on `{cfg.data.dataset}` split `{cfg.evaluate.split}` "
+                   f"({sources})")
+    create_table_artifact(_records(table), key=artifact_key(f"clips4-metrics-{cfg.name}"), description=description)
+
+
+@best_effort
+def publish_pictures(cfg: PipelineConfig, store: Store, key: str) -> None:
+    """Links to the evaluate artifact's pictures: the UI cannot show files, so it says where they are."""
+    folder = store.path(key)
+    found = [folder / name for name in PICTURES if (folder / name).is_file()]
+    lines = [f"# clips4 pictures: {cfg.name}", "", f"Evaluate artifact `{key}` in `{folder}`:", ""]
+    lines += [f"- [{p.name}]({p.resolve().as_uri()}) `{p.resolve()}`" for p in found] or ["- (no pictures drawn)"]
+    create_markdown_artifact(
+        "\n".join(lines), key=artifact_key(f"clips4-pictures-{cfg.name}"), description="Pictures of the last evaluation"
+    )
+
+
+@best_effort
+def publish_losses(cfg: PipelineConfig, store: Store, key: str) -> None:
+    """The train artifact's loss log, one row per (sampled) step and one column per loss."""
+    losses = store.open(key).read_table("losses")
+    table = loss_table(losses)
+    steps = losses["step"].nunique()
+    description = f"clips4 training losses of preset `{cfg.name}` (train `{key}`), {len(table)} of {steps} steps"
+    create_table_artifact(_records(table), key=artifact_key(f"clips4-losses-{cfg.name}"), description=description)

@@ -19,6 +19,7 @@ from clips4.teacher import create_teacher, pretrain_synthetic, register_model_co
 from clips4.visualize import plot_curves
 from clips4.storage import ArtifactFiles, Store
 from clips4.tasks.common import StageResult, run_stage
+from clips4.tasks.observe import observed
 from clips4.tasks.readers import MODEL_DIR, TEACHER_INFO, DataArtifact, load_teacher
 
 
@@ -82,4 +83,5 @@ def build_teacher(cfg: PipelineConfig, store: Store, upstream: dict[str, str], f
 def teacher_task(cfg: PipelineConfig, store_root: str, upstream: dict[str, str], force: bool = False) -> StageResult:
     """Build (or reuse) the teacher artifact."""
     store = Store(store_root)
-    return run_stage(store, cfg, "teacher", upstream, lambda files: build_teacher(cfg, store, upstream, files), force)
+    with observed():
+        return run_stage(store, cfg, "teacher", upstream, lambda files: build_teacher(cfg, store, upstream, files), force)

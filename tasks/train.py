@@ -26,7 +26,9 @@ from clips4.training import WEIGHTS_FILE, TrainData, train_student
 from clips4.visualize import plot_curves
 from clips4.storage import ArtifactFiles, Store
 from clips4.tasks.common import StageResult, forced_stages, plan_keys, run_stage, upstream_stages
+from clips4.tasks.observe import observed
 from clips4.tasks.readers import PROTOTYPES, STUDENT, STUDENT_INFO, DataArtifact, FeaturesArtifact
+from clips4.tasks.report import publish_losses
 
 # Training reads every image steps*batch/N times. Reading one image's (pixels, regions, CLIP map) from Zarr costs
 # ~8 ms here, ~80 s over the demo's 9600 image reads; reading the three arrays whole takes 1.6 s. Arrays up to this
@@ -86,9 +88,13 @@ def build_train(cfg: PipelineConfig, store: Store, upstream: dict[str, str], fil
 
 @task(name="train-stage")
 def train_task(cfg: PipelineConfig, store_root: str, upstream: dict[str, str], force: bool = False) -> StageResult:
-    """Build (or reuse) the trained student; a killed run resumes from its last checkpoint in staging."""
+    """Build (or reuse) the trained student; a killed run resumes from its last checkpoint in staging. The loss
+    table is also shown in the run's artifacts."""
     store = Store(store_root)
-    return run_stage(store, cfg, "train", upstream, lambda files: build_train(cfg, store, upstream, files), force)
+    with observed():
+        result = run_stage(store, cfg, "train", upstream, lambda files: build_train(cfg, store, upstream, files), force)
+        publish_losses(cfg, store, result.key)
+    return result
 
 
 def torchrun_rank() -> int:

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from clips4.config import RegionsConfig
-from clips4.data.regions import compute_regions
+from PIL import Image
+
+from clips4.data.regions import compute_regions, prepare_all
 
 COLOURS = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200], [220, 220, 40]], dtype=np.float64)
 
@@ -61,3 +63,19 @@ def test_rejects_non_rgb_input() -> None:
         compute_regions(np.zeros((8, 8), np.uint8), RegionsConfig())
     with pytest.raises(ValueError, match="float64"):
         compute_regions(np.zeros((8, 8, 3)), RegionsConfig())
+
+
+def test_worker_processes_give_the_same_images_and_regions_in_order(tmp_path) -> None:
+    paths = []
+    for seed in range(7):
+        path = tmp_path / f"{seed}.png"
+        Image.fromarray(shapes_image(48 + 8 * seed, seed)[0]).save(path)
+        paths.append(path)
+    cfg = RegionsConfig()
+    serial = list(prepare_all(paths, 40, cfg))
+    parallel = list(prepare_all(paths, 40, cfg, workers=2))
+    assert len(serial) == len(parallel) == 7
+    for (image_a, regions_a), (image_b, regions_b) in zip(serial, parallel):
+        assert image_a.shape == (40, 40, 3) and regions_a.shape == (40, 40)
+        np.testing.assert_array_equal(image_a, image_b)
+        np.testing.assert_array_equal(regions_a, regions_b)

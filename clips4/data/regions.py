@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import multiprocessing
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+
 import numpy as np
 from skimage.segmentation import felzenszwalb, slic
 
 from clips4.config import RegionsConfig
+from clips4.data.io import read_image
+from clips4.data.prepare import resize_square
+
+AHEAD = 4  # images in flight per worker process: keeps every worker busy while bounding memory
 
 
 def compute_regions(image: np.ndarray, cfg: RegionsConfig) -> np.ndarray:
@@ -28,3 +38,34 @@ def compute_regions(image: np.ndarray, cfg: RegionsConfig) -> np.ndarray:
         labels = felzenszwalb(image, scale=cfg.scale, sigma=cfg.sigma, min_size=cfg.min_size, channel_axis=-1)
     _, ids = np.unique(labels, return_inverse=True)  # contiguous even where an algorithm leaves gaps
     return ids.reshape(labels.shape).astype(np.int32)
+
+
+def prepared(path: str | Path, size: int, cfg: RegionsConfig) -> tuple[np.ndarray, np.ndarray]:
+    """One training image resized to ``size``-square and its region map."""
+    image = resize_square(read_image(path), size)
+    return image, compute_regions(image, cfg)
+
+
+def prepare_all(
+    paths: Sequence[str | Path], size: int, cfg: RegionsConfig, workers: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`prepared` for every path, in order. With ``workers`` > 0 the images are done in that many processes
+    (superpixels hold the GIL), at most ``AHEAD`` per worker in flight, so memory does not grow with the split.
+
+    Processes are spawned, not forked: the caller may run threads (Prefect does), and a fork copies their locks."""
+    if workers <= 0:
+        yield from (prepared(p, size, cfg) for p in paths)
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        queue: deque[Future] = deque()
+        todo = iter(paths)
+        try:
+            for path in todo:
+                queue.append(pool.submit(prepared, path, size, cfg))
+                if len(queue) >= AHEAD * workers:
+                    yield queue.popleft().result()
+            while queue:
+                yield queue.popleft().result()
+        finally:
+            for fut in queue:
+                fut.cancel()
