@@ -1,19 +1,28 @@
 """The features stage: MaskCLIP dense features of every image into Zarr, in shards mapped as Prefect tasks.
 
-Work is split into shards of ``features.shard_size`` images. Each shard task writes only its own Zarr shard
+Work is split into shards of ``features.shard_size`` images. Each shard writes only its own Zarr shard
 (chunk = one image, shard = one unit of work, so no two writers touch one file) and then a marker file; a rerun
-after a crash skips shards with a marker and redoes the rest. With ``features.dask_address`` the shards run on
-that Dask cluster (prefect-dask; the store must be on a filesystem the workers share).
+after a crash skips shards with a marker and redoes the rest.
+
+Locally each shard is a Prefect task. With ``features.dask_address`` the shards are plain functions submitted to
+that Dask cluster with dask.distributed, not Prefect tasks: a Prefect task on a Dask worker has to reach the
+Prefect API, and the API of ``clips4 run`` lives inside the orchestrating process. The orchestrating flow logs each
+shard as it finishes. Workers write into the store themselves, so the store must be a path on a filesystem every
+worker shares, and every worker needs the same clips4 installed.
 """
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import CancelledError
 from functools import lru_cache
 
 import numpy as np
 import torch
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from clips4.config import PipelineConfig
@@ -58,9 +67,14 @@ def feature_grid(cfg: PipelineConfig, teacher) -> tuple[int, int, int | None]:
     return out.features.shape[1], out.features.shape[-1], keys
 
 
-@task(name="features-shard", retries=2, retry_delay_seconds=5)
-def features_shard(cfg: PipelineConfig, store_root: str, key: str, upstream: dict[str, str], split: str, shard: int) -> str:
-    """Compute one shard (idempotent: a shard with a done marker is skipped)."""
+SHARD_RETRIES = 2  # a shard that raises is run again this many times (locally and on Dask)
+DASK_CONNECT_S = 30  # how long to try reaching the Dask scheduler
+DASK_POLL_S = 5.0  # how often the wait for Dask shards checks that the cluster still has workers
+DASK_NO_WORKERS_S = 120.0  # a Dask run with no worker connected for this long fails instead of waiting forever
+
+
+def compute_shard(cfg: PipelineConfig, store_root: str, key: str, upstream: dict[str, str], split: str, shard: int) -> str:
+    """Compute one shard (idempotent: a shard with a done marker is skipped); a plain function so Dask can run it."""
     f = cfg.features
     files = Store(store_root).staging(key)
     out = FeaturesArtifact(files)
@@ -90,6 +104,102 @@ def features_shard(cfg: PipelineConfig, store_root: str, key: str, upstream: dic
         out.keys(split, mode="r+")[lo : lo + len(chunk)] = np.concatenate(keys)
     out.mark_done(split, shard)
     return f"{split}/{shard}: computed"
+
+
+features_shard = task(name="features-shard", retries=SHARD_RETRIES, retry_delay_seconds=5)(compute_shard)
+
+
+def _dask_client(address: str):
+    """A client of the scheduler at ``address``, or one error saying what to install or start."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise RuntimeError(
+            "features.dask_address needs dask.distributed: pip install 'clips4[cluster]', or set it to null"
+        ) from None
+    try:
+        return Client(address, timeout=DASK_CONNECT_S, set_as_default=False)
+    except (OSError, TimeoutError) as err:
+        raise RuntimeError(
+            f"features.dask_address: no Dask scheduler answers at {address} ({err}); start one with "
+            "`dask scheduler` and workers with `dask worker ADDRESS`, or set features.dask_address to null"
+        ) from None
+
+
+def _check_workers_see(client, folder: str) -> None:
+    """Fail before any work when a worker cannot see the store (it would write its shards elsewhere or nowhere)."""
+    blind = sorted(worker for worker, ok in client.run(os.path.isdir, folder).items() if not ok)
+    if blind:
+        raise RuntimeError(
+            f"Dask worker(s) {', '.join(blind)} do not see {folder}; the store must be on a filesystem every worker "
+            "shares, under the same path"
+        )
+
+
+def _finished(client, futures: dict, address: str) -> Iterator[str]:
+    """Each shard's message as it finishes. A shard that fails (an error, or workers dying under it more often
+    than the scheduler's ``allowed-failures``) raises; so does a cluster left without workers for
+    ``DASK_NO_WORKERS_S``: the wait is always bounded by progress, never by hope."""
+    from distributed import wait
+    from distributed.scheduler import KilledWorker
+
+    pending = set(futures)
+    no_workers_since: float | None = None
+    while pending:
+        try:
+            with client.as_current():  # wait() finds its client there
+                done, pending = wait(pending, timeout=DASK_POLL_S, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            done = set()
+        for fut in done:
+            split, shard = futures[fut]
+            try:
+                yield fut.result()
+            except KilledWorker:
+                raise RuntimeError(
+                    f"features shard {split}/{shard}: the Dask workers running it died repeatedly (out of memory? "
+                    "see the workers' logs); finished shards are kept, rerun the features stage to do the rest"
+                ) from None
+            except CancelledError:
+                raise RuntimeError(
+                    f"features shard {split}/{shard} was dropped by the Dask scheduler at {address} (did it stop?); "
+                    "finished shards are kept, rerun the features stage to do the rest"
+                ) from None
+            except Exception as err:
+                raise RuntimeError(
+                    f"features shard {split}/{shard} failed on the Dask cluster after {SHARD_RETRIES} retries: {err!r}"
+                ) from err
+        if done or client.nthreads():
+            no_workers_since = None
+        elif no_workers_since is None:
+            no_workers_since = time.monotonic()
+        elif time.monotonic() - no_workers_since > DASK_NO_WORKERS_S:
+            raise RuntimeError(
+                f"the Dask cluster at {address} has had no workers for {DASK_NO_WORKERS_S:.0f} s with {len(pending)} "
+                "features shard(s) left; start workers (`dask worker ADDRESS`) and rerun the features stage"
+            )
+
+
+def shards_on_dask(cfg: PipelineConfig, store_root: str, key: str, upstream: dict[str, str],
+                   todo: list[tuple[str, int]]) -> list[str]:
+    """Run the shards on the Dask cluster at ``features.dask_address``; called from the orchestrating flow."""
+    address = cfg.features.dask_address
+    logger = get_run_logger()
+    with _dask_client(address) as client:
+        _check_workers_see(client, str(Store(store_root).staging_dir(key)))
+        futures = {
+            client.submit(
+                compute_shard, cfg, store_root, key, upstream, split, shard,
+                key=f"features-shard-{split}-{shard}-{uuid.uuid4().hex[:8]}", pure=False, retries=SHARD_RETRIES,
+            ): (split, shard)
+            for split, shard in todo
+        }
+        logger.info("%d features shard(s) submitted to the Dask cluster at %s", len(futures), address)
+        messages = []
+        for message in track(_finished(client, futures, address), "features shards on Dask", len(futures), unit="shard"):
+            logger.info(message)
+            messages.append(message)
+        return messages
 
 
 def prepare_features(cfg: PipelineConfig, store: Store, key: str, upstream: dict[str, str], force: bool) -> list[tuple[str, int]]:
@@ -130,19 +240,13 @@ def finish_features(cfg: PipelineConfig, store: Store, upstream: dict[str, str],
     return {"shape": shape, "dtype": cfg.features.dtype}
 
 
-def _task_runner(cfg: PipelineConfig):
-    if cfg.features.dask_address:
-        from prefect_dask import DaskTaskRunner
-
-        return DaskTaskRunner(address=cfg.features.dask_address)
-    return ThreadPoolTaskRunner(max_workers=1)  # torch already uses every core
-
-
 def features_stage(cfg: PipelineConfig, store_root: str, upstream: dict[str, str], force: bool = False) -> StageResult:
     """Sub-flow of the pipeline: prepare, map shard tasks, then publish the artifact atomically."""
 
-    @flow(name="features-shards", task_runner=_task_runner(cfg))
+    @flow(name="features-shards", task_runner=ThreadPoolTaskRunner(max_workers=1))  # torch already uses every core
     def run_shards(todo: list[tuple[str, int]]) -> list[str]:
+        if cfg.features.dask_address:
+            return shards_on_dask(cfg, store_root, key, upstream, todo)
         futures = [features_shard.submit(cfg, store_root, key, upstream, split, shard) for split, shard in todo]
         return [fut.result() for fut in futures]
 
