@@ -75,6 +75,66 @@ def _is_path(pretrained: str) -> bool:
     return Path(pretrained).suffix in CHECKPOINT_SUFFIXES or "/" in pretrained or os.sep in pretrained
 
 
+def _checkpoint_header_error(path: Path) -> str | None:
+    """Why ``path`` is not a checkpoint file, read from its first bytes only (None when it looks like one)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+            return None
+        with path.open("rb") as f:
+            head = f.read(4)
+    except Exception as err:  # noqa: BLE001 - any failure to read the header means the same to the user
+        return str(err) or type(err).__name__
+    # torch.save and TorchScript archives are zip files; legacy torch.save files are pickles
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    return "it is neither a zip archive (torch.save, TorchScript) nor a pickle"
+
+
+def check_teacher_source(model: str, pretrained: str | None) -> None:
+    """Fail fast, without loading weights, when the teacher named by ``model`` / ``pretrained`` cannot resolve.
+
+    Hours of data preparation can precede the teacher stage, so the pipeline calls this before any stage runs.
+    """
+    register_model_configs()
+    if model.startswith("local-dir:"):
+        folder = Path(model.removeprefix("local-dir:")).expanduser()
+        if not (folder / CONFIG_FILE).is_file():
+            raise TeacherLoadError(f"teacher folder {folder} has no {CONFIG_FILE}; teacher.model 'local-dir:PATH' "
+                                   "must name a folder in open_clip's hf-hub layout")
+        return
+    if model.startswith(SCHEMA_PREFIXES):
+        return  # hf-hub ids resolve through the Hugging Face cache when loaded
+    model = model.replace("/", "-")
+    if model not in open_clip.list_models():
+        raise TeacherLoadError(
+            f"unknown open_clip model {model!r}; use one of open_clip.list_models() (e.g. ViT-B-16, RN50, "
+            f"{', '.join(TINY_MODELS)}) or an 'hf-hub:org/repo' id"
+        )
+    if pretrained is None:
+        return
+    if _is_path(pretrained):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise TeacherLoadError(
+                f"teacher checkpoint {path} does not exist; set teacher.pretrained to an existing "
+                f"{'/'.join(CHECKPOINT_SUFFIXES)} file or to an open_clip pretrained tag"
+            )
+        problem = _checkpoint_header_error(path)
+        if problem:
+            raise TeacherLoadError(f"teacher checkpoint {path} is not a readable checkpoint ({problem}); "
+                                   "set teacher.pretrained to an intact checkpoint file")
+        return
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if pretrained not in tags:
+        raise TeacherLoadError(
+            f"{pretrained!r} is neither a file nor a pretrained tag of {model}; tags: {', '.join(tags) or 'none'}"
+        )
+
+
 def _create_open_clip(model: str, pretrained: str | None, device: torch.device) -> nn.Module:
     """open_clip's own loading paths, with errors that tell the user what to change."""
     if model.startswith(SCHEMA_PREFIXES):
@@ -86,30 +146,16 @@ def _create_open_clip(model: str, pretrained: str | None, device: torch.device) 
                 "Hugging Face cache (HF_HUB_CACHE); otherwise set teacher.model to the architecture name and "
                 "teacher.pretrained to a local checkpoint file"
             ) from err
-    if model not in open_clip.list_models():
-        raise TeacherLoadError(
-            f"unknown open_clip model {model!r}; use one of open_clip.list_models() (e.g. ViT-B-16, RN50, "
-            f"{', '.join(TINY_MODELS)}) or an 'hf-hub:org/repo' id"
-        )
+    check_teacher_source(model, pretrained)
     if pretrained is None:
         log.warning("teacher %s has random weights (pretrained is null)", model)
         return open_clip.create_model(model, device=device)
     if _is_path(pretrained):
         path = Path(pretrained).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"teacher checkpoint {path} does not exist; set teacher.pretrained to an existing "
-                f"{'/'.join(CHECKPOINT_SUFFIXES)} file or to an open_clip pretrained tag"
-            )
         try:
             return open_clip.create_model(model, pretrained=str(path), device=device)
         except Exception as err:
             raise TeacherLoadError(f"teacher checkpoint {path} could not be loaded into {model}: {err}") from err
-    tags = open_clip.list_pretrained_tags_by_model(model)
-    if pretrained not in tags:
-        raise TeacherLoadError(
-            f"{pretrained!r} is neither a file nor a pretrained tag of {model}; tags: {', '.join(tags) or 'none'}"
-        )
     # OpenAI's weights were trained with QuickGELU; open_clip only warns when the architecture config disagrees
     quick_gelu = bool(open_clip.get_pretrained_cfg(model, pretrained).get("quick_gelu", False))
     try:

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clips4.config import STAGES, ConfigError, list_presets, reference_markdown, resolve_config, to_yaml
-from clips4.storage import Store, StoreError
+from clips4.storage import Store, StoreError, human_bytes
 
 app = typer.Typer(help="CLIP-S4 semantic segmentation without labels, as a resumable pipeline.", no_args_is_help=True)
 config_app = typer.Typer(help="Resolve and print configurations.", no_args_is_help=True)
@@ -23,7 +23,7 @@ store_app = typer.Typer(help="Inspect and manage the artifact store.", no_args_i
 app.add_typer(config_app, name="config")
 app.add_typer(store_app, name="store")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one error line, however long
 
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Store root (default: $CLIPS4_STORE, else ~/.cache/clips4/store).")]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", help="A preset shipped in clips4/configs (e.g. demo), or see `clips4 config presets`.")]
@@ -92,7 +92,7 @@ def store_ls(
         return
     table = Table("kind", "key", "created", "size", "path")
     for r in rows:
-        table.add_row(r["kind"], r["key"], r["created"], _human(r["size"]), r["path"])
+        table.add_row(r["kind"], r["key"], r["created"], human_bytes(r["size"]), r["path"])
     console.print(table if rows else f"no artifacts in {st.root}")
 
 
@@ -108,7 +108,7 @@ def store_show(key: str, store: StoreOpt = None) -> None:
     console.print_json(json.dumps({k: v for k, v in manifest.__dict__.items() if k != "files"}, default=str))
     files = Table("file", "size")
     for name, size in manifest.files.items():
-        files.add_row(name, _human(size))
+        files.add_row(name, human_bytes(size))
     console.print(files)
     console.print("lineage: " + " <- ".join(f"{m.kind}:{m.key}" for m in lineage))
 
@@ -134,14 +134,6 @@ def store_gc(store: StoreOpt = None) -> None:
     console.print(f"cleaned {len(cleaned)} item(s)" + "".join(f"\n  {c}" for c in cleaned))
 
 
-def _human(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
-
-
 # ---------------------------------------------------------------------------------------------------------- run
 @app.command("run")
 def run(
@@ -158,10 +150,13 @@ def run(
     """
     cfg = load_config(preset, config, set_)  # refuse a bad config before Prefect starts
     chosen = [s.strip() for s in stages.split(",")] if stages else list(STAGES)
-    bad = [s for s in chosen + ([force] if force else []) if s not in STAGES]
-    if bad:
-        fail(f"unknown stage(s) {', '.join(bad)}; stages are {', '.join(STAGES)}")
+    from clips4.tasks.preflight import PreflightError, preflight
     from clips4.tasks.train import follow_train, torchrun_rank
+
+    try:  # everything that can fail late fails here, before Prefect starts
+        preflight(cfg, chosen, force, open_store(store))
+    except (PreflightError, StoreError) as e:
+        fail(str(e))
 
     if torchrun_rank() > 0:
         try:
@@ -223,16 +218,36 @@ def export_masks(
     console.print(f"wrote masks of {count} image(s) of split {split} to {out}")
 
 
+GpuSlotsOpt = Annotated[Optional[int], typer.Option(min=1, help="At most this many GPU-bound stages run at once, across all flows and workers (sets the Prefect global concurrency limit 'clips4-gpu'); e.g. 1 per GPU.")]
+NameOpt = Annotated[str, typer.Option(help="Deployment name (runs are addressed as FLOW/NAME).")]
+
+
 @app.command("serve")
-def serve_cmd(
-    name: Annotated[str, typer.Option(help="Deployment name (runs are addressed as FLOW/NAME).")] = "default",
-    limit: Annotated[Optional[int], typer.Option(help="Most runs of each deployment at once (e.g. 1 per GPU).")] = None,
-    store: StoreOpt = None,
-) -> None:
-    """Serve deployments of the pipeline and of every stage to the Prefect server in PREFECT_API_URL."""
+def serve_cmd(name: NameOpt = "default", gpu_slots: GpuSlotsOpt = None, store: StoreOpt = None) -> None:
+    """Serve the seven flows (clips4-pipeline, clips4-data ... clips4-evaluate) to the Prefect server in
+    PREFECT_API_URL, and run what is requested of them in this process."""
     from clips4.flows.serve import serve_all
 
-    serve_all(name, store, limit)
+    serve_all(name, store, gpu_slots)
+
+
+@app.command("deploy")
+def deploy_cmd(
+    pool: Annotated[str, typer.Option(help="Prefect work pool whose workers run the flows (must exist).")],
+    name: NameOpt = "default",
+    image: Annotated[Optional[str], typer.Option(help="Container image with clips4 installed (Docker and Kubernetes pools).")] = None,
+    gpu_slots: GpuSlotsOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Register the seven flows as deployments on a work pool (process, Docker or Kubernetes)."""
+    from clips4.flows.serve import deploy_all
+
+    try:
+        ids = deploy_all(pool, name, store, image, gpu_slots)
+    except ValueError as e:
+        fail(str(e), code=1)
+    console.print(f"registered {len(ids)} deployment(s) on work pool {pool}: start one with "
+                  f"prefect deployment run 'clips4-pipeline/{name}'")
 
 
 def main() -> None:

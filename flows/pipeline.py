@@ -1,31 +1,57 @@
-"""Prefect flows: ``clips4-pipeline`` chains the stages; one flow per stage serves single-stage reruns.
+"""Prefect flows: ``clips4-pipeline`` chains the stages; one flow per stage (``clips4-data`` ... ``clips4-evaluate``)
+reruns a single stage.
 
 Flows only compose: every stage is a task (or, for features, a sub-flow mapping shard tasks) from ``tasks/`` that
-returns an artifact key. Parameters are plain JSON (preset, config file, overrides), so the same flows run in-process
-from ``clips4 run`` and as deployments started with ``prefect deployment run``.
+returns an artifact key. Parameters are plain JSON (preset, config file, overrides, force, store), so the same flows
+run in-process from ``clips4 run`` and as deployments started with ``prefect deployment run``. Every flow is a
+module-level object, so a worker or ``clips4 serve`` re-imports it as ``clips4.flows.pipeline.<name>``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow  # noqa: E402
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.concurrency.sync import concurrency  # noqa: E402
+from prefect.exceptions import ObjectNotFound  # noqa: E402
+from prefect.flows import Flow  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from clips4.config import STAGES, PipelineConfig, resolve_config  # noqa: E402
+from clips4.config import STAGES, ConfigError, PipelineConfig, resolve_config  # noqa: E402
 from clips4.storage import Store  # noqa: E402
 from clips4.tasks import STAGE_TASKS  # noqa: E402
 from clips4.tasks.common import StageResult, forced_stages, plan_keys, upstream_stages  # noqa: E402
+from clips4.tasks.preflight import PreflightError, check_force, check_stages, preflight  # noqa: E402
 from clips4.tasks.report import publish_run_summary  # noqa: E402
+
+GPU_LIMIT = "clips4-gpu"  # Prefect global concurrency limit that GPU-bound stages take a slot of, when it exists
+GPU_BOUND = frozenset({"teacher", "features", "cluster", "train", "evaluate"})
 
 
 class PipelineError(RuntimeError):
-    """The requested run cannot start (a stage not built, an upstream artifact missing)."""
+    """The requested run cannot start (bad parameters, an upstream artifact missing, a failed preflight check)."""
+
+
+def load_run_config(
+    preset: str | None, config_file: str | None, overrides: list[str] | str | None
+) -> PipelineConfig:
+    """Flow parameters -> config, refused up front with one message (a single override string is accepted too)."""
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    if overrides is not None and not all(isinstance(o, str) for o in overrides):
+        raise PipelineError(f"overrides must be a list of 'section.field=value' strings (got {overrides!r})")
+    try:
+        return resolve_config(preset, config_file, overrides)
+    except ConfigError as err:
+        raise PipelineError(str(err)) from None
 
 
 def upstream_for(cfg: PipelineConfig, stage: str, chosen: list[str], store: Store) -> list[str]:
@@ -37,13 +63,37 @@ def upstream_for(cfg: PipelineConfig, stage: str, chosen: list[str], store: Stor
     return ups
 
 
+def _gpu_limit_exists() -> bool:
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            return False
+    return True
+
+
+@contextmanager
+def gpu_slot(stage: str, limited: bool) -> Iterator[None]:
+    """Hold one slot of the ``clips4-gpu`` limit while a GPU-bound stage runs (``clips4 serve --gpu-slots N``)."""
+    if limited and stage in GPU_BOUND:
+        with concurrency(GPU_LIMIT, occupy=1):
+            yield
+    else:
+        yield
+
+
 def execute(cfg: PipelineConfig, stages: list[str], force: str | None, store: str | None) -> list[StageResult]:
-    """Run ``stages`` in pipeline order; ``force`` recomputes that stage and every later one in this run."""
-    not_built = [s for s in stages if s not in STAGE_TASKS]
-    if not_built:
-        raise PipelineError(f"stage(s) not built yet: {', '.join(not_built)} (built: {', '.join(STAGE_TASKS) or 'none'})")
+    """Run ``stages`` in pipeline order after the preflight checks; ``force`` recomputes that stage and every later
+    one in this run."""
     st = Store(store)
+    try:
+        plan = preflight(cfg, stages, force, st)
+    except PreflightError as err:
+        raise PipelineError(str(err)) from None
+    for line in plan.lines():
+        print(line)
     forced = forced_stages(force)
+    limited = bool(GPU_BOUND & set(plan.build)) and _gpu_limit_exists()
     keys: dict[str, str] = {}
     results: list[StageResult] = []
     for stage in (s for s in STAGES if s in stages):
@@ -55,7 +105,8 @@ def execute(cfg: PipelineConfig, stages: list[str], force: str | None, store: st
                 f"stage {stage} needs the {', '.join(absent)} artifact(s), which are not in {st.root}; "
                 f"add those stages to --stages"
             )
-        result = STAGE_TASKS[stage](cfg, str(st.root), upstream, stage in forced)
+        with gpu_slot(stage, limited and stage in plan.build):
+            result = STAGE_TASKS[stage](cfg, str(st.root), upstream, stage in forced)
         keys[stage] = result.key
         results.append(result)
     return results
@@ -70,31 +121,57 @@ def clips4_pipeline(
     force: str | None = None,
     store: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The whole pipeline data -> teacher -> features -> cluster -> train -> evaluate, reusing stored artifacts."""
-    cfg = resolve_config(preset, config_file, overrides)
-    results = execute(cfg, list(stages or STAGES), force, store)
+    """The whole pipeline data -> teacher -> features -> cluster -> train -> evaluate, reusing stored artifacts.
+
+    ``stages`` picks some stages; ``force`` names the stage from which everything is recomputed."""
+    cfg = load_run_config(preset, config_file, overrides)
+    chosen = list(stages or STAGES)
+    try:
+        check_stages(chosen)
+        check_force(force)
+    except PreflightError as err:
+        raise PipelineError(str(err)) from None
+    results = execute(cfg, chosen, force, store)
     publish_run_summary(cfg, Store(store), results)
     return [asdict(r) for r in results]
 
 
-def _stage_flow(stage: str):
-    @flow(name=stage, log_prints=True)
-    def stage_flow(
+def _stage_flow(stage: str) -> Flow:
+    """The flow ``clips4-<stage>``: one stage alone, its upstream artifacts read from the store."""
+
+    def run_stage(
         preset: str | None = "demo",
         config_file: str | None = None,
         overrides: list[str] | None = None,
         force: bool = False,
         store: str | None = None,
     ) -> dict[str, Any]:
-        cfg = resolve_config(preset, config_file, overrides)
-        (result,) = execute(cfg, [stage], stage if force else None, store)
-        return asdict(result)
+        cfg = load_run_config(preset, config_file, overrides)
+        results = execute(cfg, [stage], stage if force else None, store)
+        publish_run_summary(cfg, Store(store), results)
+        return asdict(results[0])
 
-    stage_flow.__doc__ = f"Run the {stage} stage alone (its upstream artifacts must be in the store)."
-    return stage_flow
+    # The module-level name below is how Prefect re-imports the flow: clips4.flows.pipeline.clips4_<stage>
+    run_stage.__name__ = run_stage.__qualname__ = f"clips4_{stage}"
+    run_stage.__module__ = __name__
+    run_stage.__doc__ = f"Run the {stage} stage alone (its upstream artifacts must be in the store)."
+    return flow(name=f"clips4-{stage}", log_prints=True)(run_stage)
 
 
-STAGE_FLOWS = {stage: _stage_flow(stage) for stage in STAGES}
+clips4_data = _stage_flow("data")
+clips4_teacher = _stage_flow("teacher")
+clips4_features = _stage_flow("features")
+clips4_cluster = _stage_flow("cluster")
+clips4_train = _stage_flow("train")
+clips4_evaluate = _stage_flow("evaluate")
+STAGE_FLOWS: dict[str, Flow] = {
+    "data": clips4_data,
+    "teacher": clips4_teacher,
+    "features": clips4_features,
+    "cluster": clips4_cluster,
+    "train": clips4_train,
+    "evaluate": clips4_evaluate,
+}
 
 
 def run_pipeline(

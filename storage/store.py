@@ -116,6 +116,15 @@ def _file_sizes(folder: Path) -> dict[str, int]:
     }
 
 
+def human_bytes(size: float) -> str:
+    """1536 -> '1.5 KiB': sizes as people read them, in listings and estimates."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
 class Store:
     """A folder of immutable, content-keyed artifacts with atomic publication and per-key locks."""
 

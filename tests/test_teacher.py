@@ -23,6 +23,7 @@ from clips4.teacher import (
     SINGLE_CLASS_TEMPLATES,
     TINY_MODELS,
     TeacherLoadError,
+    check_teacher_source,
     _CaptionSampler,
     create_teacher,
     load_saved_teacher,
@@ -172,8 +173,16 @@ def test_unfetchable_pretrained_tag_says_how_to_use_a_local_file(tmp_path, monke
 
 def test_bad_names_and_missing_files_are_named(tmp_path):
     missing = tmp_path / "nowhere" / "teacher.safetensors"
-    with pytest.raises(FileNotFoundError, match=str(missing)):
+    with pytest.raises(TeacherLoadError, match=f"{missing} does not exist"):
         create_teacher("clips4-vit-tiny", str(missing), CPU)
+    garbage = tmp_path / "teacher.pt"
+    garbage.write_text("not weights")
+    with pytest.raises(TeacherLoadError, match="not a readable checkpoint"):
+        check_teacher_source("clips4-vit-tiny", str(garbage))
+    truncated = tmp_path / "teacher.safetensors"
+    truncated.write_bytes(b"\x10\x00\x00")
+    with pytest.raises(TeacherLoadError, match="not a readable checkpoint"):
+        check_teacher_source("clips4-vit-tiny", str(truncated))
     with pytest.raises(TeacherLoadError, match="unknown open_clip model 'ViT-Nope'"):
         create_teacher("ViT-Nope", None, CPU)
     with pytest.raises(TeacherLoadError, match="neither a file nor a pretrained tag"):
