@@ -1,6 +1,33 @@
 """The artifact store: layout, atomic publication, locks, manifests and typed file formats."""
 
-from clips4.storage.formats import ArtifactFiles
-from clips4.storage.store import Manifest, Store, StoreError, human_bytes, make_key, resolve_root, validate_key
+from clips4.storage.formats import ArtifactFiles, FileRecord, StoreError
+from clips4.storage.store import (
+    MANIFEST_FORMAT,
+    BrokenArtifact,
+    GcReport,
+    Manifest,
+    ManifestError,
+    Problem,
+    Store,
+    human_bytes,
+    make_key,
+    resolve_root,
+    validate_key,
+)
 
-__all__ = ["ArtifactFiles", "Manifest", "Store", "StoreError", "human_bytes", "make_key", "resolve_root", "validate_key"]
+__all__ = [
+    "MANIFEST_FORMAT",
+    "ArtifactFiles",
+    "BrokenArtifact",
+    "FileRecord",
+    "GcReport",
+    "Manifest",
+    "ManifestError",
+    "Problem",
+    "Store",
+    "StoreError",
+    "human_bytes",
+    "make_key",
+    "resolve_root",
+    "validate_key",
+]
