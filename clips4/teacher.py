@@ -70,7 +70,7 @@ def register_model_configs() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- loading
-def _is_path(pretrained: str) -> bool:
+def is_checkpoint_path(pretrained: str) -> bool:
     """Tags are bare words (``openai``, ``laion2b_s34b_b88k``); anything path-like is a checkpoint file."""
     return Path(pretrained).suffix in CHECKPOINT_SUFFIXES or "/" in pretrained or os.sep in pretrained
 
@@ -116,7 +116,7 @@ def check_teacher_source(model: str, pretrained: str | None) -> None:
         )
     if pretrained is None:
         return
-    if _is_path(pretrained):
+    if is_checkpoint_path(pretrained):
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise TeacherLoadError(
@@ -150,7 +150,7 @@ def _create_open_clip(model: str, pretrained: str | None, device: torch.device) 
     if pretrained is None:
         log.warning("teacher %s has random weights (pretrained is null)", model)
         return open_clip.create_model(model, device=device)
-    if _is_path(pretrained):
+    if is_checkpoint_path(pretrained):
         path = Path(pretrained).expanduser()
         try:
             return open_clip.create_model(model, pretrained=str(path), device=device)

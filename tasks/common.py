@@ -1,61 +1,133 @@
-"""What every stage task shares: the stage graph, artifact keys, and the reuse-or-build step."""
+"""What every stage task shares: artifact keys (from the stage table and the content the config names) and the
+reuse-or-build step."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from clips4.config import STAGES, PipelineConfig, to_yaml
+from clips4.config import PipelineConfig, to_yaml
 from clips4.storage import ArtifactFiles, Store, make_key
 from clips4.tasks.readers import CONFIG
+from clips4.tasks.stages import stage as stage_of
 
-# Bump a stage's number when what it writes changes shape or meaning: old artifacts then stop matching.
-FORMAT_VERSION: dict[str, int] = {
-    "data": 1,
-    "teacher": 1,
-    "features": 1,
-    "cluster": 1,
-    "train": 3,
-    "evaluate": 1,
-}
+# SHA-256 of weight files named by path, remembered per (path, size, mtime_ns): a multi-GB checkpoint is read once.
+HASH_CACHE = Path.home() / ".cache" / "clips4" / "file-sha256.json"
+HASH_BLOCK = 2**24
 
 
-def upstream_stages(cfg: PipelineConfig, stage: str) -> list[str]:
-    """The stages whose artifacts ``stage`` reads, for this config."""
-    if stage == "data":
-        return []
-    if stage == "teacher":
-        return ["data"] if cfg.teacher.train == "synthetic" else []
-    if stage == "features":
-        return ["data", "teacher"]
-    if stage == "cluster":
-        return ["features"]
-    if stage == "train":
-        return ["data", "features", "cluster"]
-    if stage == "evaluate":
-        return ["data", "features", "train"]
-    raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, from :data:`HASH_CACHE` while its size and mtime are unchanged."""
+    path = path.resolve()
+    stat = path.stat()
+    try:
+        cache = json.loads(HASH_CACHE.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(str(path))
+    if entry and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
+        return entry[2]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+    cache[str(path)] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+    try:  # the cache only saves time: a store on a read-only home still gets correct keys
+        HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = HASH_CACHE.with_name(f"{HASH_CACHE.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, HASH_CACHE)
+    except OSError:
+        pass
+    return digest.hexdigest()
 
 
-def forced_stages(force: str | None) -> set[str]:
-    """The stages ``--force STAGE`` recomputes: that stage and every later one."""
-    return set(STAGES[STAGES.index(force):]) if force else set()
+def _visible_files(root: Path) -> list[tuple[str, os.stat_result]]:
+    """Every file under ``root`` that is not hidden (nor inside a hidden folder), with its stat, sorted by name.
+
+    Linked folders are followed (dataset layouts often link their parts in), each real folder once."""
+    found: list[tuple[str, os.stat_result]] = []
+    folders, seen = [root], set()
+    while folders:
+        folder = folders.pop()
+        st = folder.stat()
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    folders.append(Path(entry.path))
+                elif entry.is_file():
+                    found.append((Path(entry.path).relative_to(root).as_posix(), entry.stat()))
+    return sorted(found, key=lambda item: item[0])
+
+
+def listing_fingerprint(root: Path) -> str:
+    """Hash of the names, sizes and mtimes of the visible files under ``root``: one directory walk, no file read."""
+    listing = [[name, st.st_size, st.st_mtime_ns] for name, st in _visible_files(root)]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def _weights_identity(path: Path) -> str:
+    """A weights file by its bytes, a weights folder by its files' bytes; 'missing' lets preflight say what is wrong."""
+    path = path.expanduser()
+    if path.is_file():
+        return f"sha256:{file_sha256(path)}"
+    if path.is_dir():
+        files = [[name, file_sha256(path / name)] for name, _ in _visible_files(path)]
+        return "sha256:" + hashlib.sha256(json.dumps(files).encode()).hexdigest()
+    return "missing"
+
+
+def content_identity(cfg: PipelineConfig, stage: str) -> dict[str, str]:
+    """What the config names by path, identified by content: a path keeps its key only while its content stays.
+
+    The paths themselves stay in the fingerprint too: stored records and teacher artifacts read from them later.
+    """
+    from clips4.teacher import is_checkpoint_path
+
+    identity: dict[str, str] = {}
+    if stage == "data" and cfg.data.dataset != "synthetic" and cfg.data.root is not None:
+        root = cfg.data.root.expanduser()
+        identity["data.root"] = f"listing:{listing_fingerprint(root)}" if root.is_dir() else "missing"
+    if stage == "teacher" and cfg.teacher.train == "none":
+        if cfg.teacher.model.startswith("local-dir:"):
+            identity["teacher.model"] = _weights_identity(Path(cfg.teacher.model.removeprefix("local-dir:")))
+        pretrained = cfg.teacher.pretrained
+        if pretrained is not None and is_checkpoint_path(pretrained):
+            identity["teacher.pretrained"] = _weights_identity(Path(pretrained))
+    if stage == "train" and cfg.train.backbone_weights is not None:
+        identity["train.backbone_weights"] = _weights_identity(cfg.train.backbone_weights)
+    return identity
 
 
 def stage_key(cfg: PipelineConfig, stage: str, upstream: dict[str, str]) -> str:
-    """Key = stage + hash(stage fingerprint, upstream keys, format version): same inputs, same key."""
-    return make_key(stage, cfg.stage(stage).fingerprint(), sorted(upstream.values()), FORMAT_VERSION[stage])
+    """Key = stage + hash(stage fingerprint, content of what it names by path, upstream keys, format version):
+    same inputs, same key. A config that names no path keeps the key it had before content identities existed."""
+    fingerprint = cfg.stage(stage).fingerprint()
+    identity = content_identity(cfg, stage)
+    if identity:
+        fingerprint = hashlib.sha256(json.dumps([fingerprint, identity], sort_keys=True).encode()).hexdigest()[:16]
+    return make_key(stage, fingerprint, sorted(upstream.values()), stage_of(stage).version)
 
 
 def plan_keys(cfg: PipelineConfig, stages: list[str]) -> dict[str, str]:
-    """Keys of ``stages`` and of everything they depend on, computed from the config alone (no I/O)."""
+    """Keys of ``stages`` and of everything they depend on, from the config and the content of the paths it names
+    (a listing of a dataset root, hashes of weight files; no artifact is read)."""
     keys: dict[str, str] = {}
 
     def visit(stage: str) -> str:
         if stage not in keys:
-            ups = {u: visit(u) for u in upstream_stages(cfg, stage)}
+            ups = {u: visit(u) for u in stage_of(stage).reads(cfg)}
             keys[stage] = stage_key(cfg, stage, ups)
         return keys[stage]
 

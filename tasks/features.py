@@ -1,8 +1,9 @@
 """The features stage: MaskCLIP dense features of every image into Zarr, in shards mapped as Prefect tasks.
 
 Work is split into shards of ``features.shard_size`` images. Each shard writes only its own Zarr shard
-(chunk = one image, shard = one unit of work, so no two writers touch one file) and then a marker file; a rerun
-after a crash skips shards with a marker and redoes the rest.
+(chunk = one image, shard = one unit of work, so no two writers touch one file) and then a marker naming the image
+range it wrote; a rerun after a crash skips ranges with a marker and redoes the rest. The run holds the key's lock
+from the first touch of its staging folder to publication, and publishes only when markers cover every image.
 
 Locally each shard is a Prefect task. With ``features.dask_address`` the shards are plain functions submitted to
 that Dask cluster with dask.distributed, not Prefect tasks: a Prefect task on a Dask worker has to reach the
@@ -13,7 +14,9 @@ worker shares, and every worker needs the same clips4 installed.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,6 +39,8 @@ from clips4.training import normalize_images, to_unit_images
 from clips4.storage import ArtifactFiles, Store
 from clips4.tasks.common import StageResult, run_stage, stage_key
 from clips4.tasks.readers import CLASSES, TEACHER_INFO, DataArtifact, FeaturesArtifact, load_teacher
+
+log = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=4)
@@ -73,16 +78,18 @@ DASK_POLL_S = 5.0  # how often the wait for Dask shards checks that the cluster 
 DASK_NO_WORKERS_S = 120.0  # a Dask run with no worker connected for this long fails instead of waiting forever
 
 
-def compute_shard(cfg: PipelineConfig, store_root: str, key: str, upstream: dict[str, str], split: str, shard: int) -> str:
-    """Compute one shard (idempotent: a shard with a done marker is skipped); a plain function so Dask can run it."""
+def compute_shard(cfg: PipelineConfig, store_root: str, key: str, upstream: dict[str, str], split: str, lo: int,
+                  hi: int) -> str:
+    """Compute images [lo, hi) of a split, one Zarr shard (idempotent: a range with a done marker is skipped); a
+    plain function so Dask can run it. It writes into the staging folder the orchestrating run created and holds
+    the lock of, which it therefore neither creates nor resets."""
     f = cfg.features
-    files = Store(store_root).staging(key)
-    out = FeaturesArtifact(files)
-    if out.shard_done(split, shard):
-        return f"{split}/{shard}: reused"
+    out = FeaturesArtifact(Store(store_root).staging_files(key))
+    if out.range_done(split, lo, hi):
+        return f"{split}/{lo}-{hi}: reused"
     device = resolve_device(f.device)
     teacher = _teacher(store_root, upstream["teacher"], str(device))
-    chunk = _records(store_root, upstream["data"], split)[shard * f.shard_size : (shard + 1) * f.shard_size]
+    chunk = _records(store_root, upstream["data"], split)[lo:hi]
     batches = [chunk[start : start + f.batch_size] for start in range(0, len(chunk), f.batch_size)]
 
     def load(batch: tuple[Record, ...]) -> np.ndarray:
@@ -93,17 +100,16 @@ def compute_shard(cfg: PipelineConfig, store_root: str, key: str, upstream: dict
     # The shard is gathered in memory and written once: a Zarr shard is one file, so writing it batch by batch
     # would re-read and re-write the whole file each time.
     feats, keys = [], []
-    for images in track(loaded, f"features {split} shard {shard}", len(batches), unit="batch"):
+    for images in track(loaded, f"features {split} images {lo}-{hi}", len(batches), unit="batch"):
         dense = teacher_dense(teacher, images, f.batch_size, device, f.amp, f.keep_keys)
         feats.append(dense.features.numpy().astype(f.dtype))
         if f.keep_keys:
             keys.append(dense.keys.numpy().astype(f.dtype))
-    lo = shard * f.shard_size
-    out.features(split, mode="r+")[lo : lo + len(chunk)] = np.concatenate(feats)
+    out.features(split, mode="r+")[lo:hi] = np.concatenate(feats)
     if keys:
-        out.keys(split, mode="r+")[lo : lo + len(chunk)] = np.concatenate(keys)
-    out.mark_done(split, shard)
-    return f"{split}/{shard}: computed"
+        out.keys(split, mode="r+")[lo:hi] = np.concatenate(keys)
+    out.mark_done(split, lo, hi)
+    return f"{split}/{lo}-{hi}: computed"
 
 
 features_shard = task(name="features-shard", retries=SHARD_RETRIES, retry_delay_seconds=5)(compute_shard)
@@ -152,22 +158,23 @@ def _finished(client, futures: dict, address: str) -> Iterator[str]:
         except TimeoutError:
             done = set()
         for fut in done:
-            split, shard = futures[fut]
+            split, lo, hi = futures[fut]
+            shard = f"{split}/{lo}-{hi}"
             try:
                 yield fut.result()
             except KilledWorker:
                 raise RuntimeError(
-                    f"features shard {split}/{shard}: the Dask workers running it died repeatedly (out of memory? "
+                    f"features shard {shard}: the Dask workers running it died repeatedly (out of memory? "
                     "see the workers' logs); finished shards are kept, rerun the features stage to do the rest"
                 ) from None
             except CancelledError:
                 raise RuntimeError(
-                    f"features shard {split}/{shard} was dropped by the Dask scheduler at {address} (did it stop?); "
+                    f"features shard {shard} was dropped by the Dask scheduler at {address} (did it stop?); "
                     "finished shards are kept, rerun the features stage to do the rest"
                 ) from None
             except Exception as err:
                 raise RuntimeError(
-                    f"features shard {split}/{shard} failed on the Dask cluster after {SHARD_RETRIES} retries: {err!r}"
+                    f"features shard {shard} failed on the Dask cluster after {SHARD_RETRIES} retries: {err!r}"
                 ) from err
         if done or client.nthreads():
             no_workers_since = None
@@ -181,7 +188,7 @@ def _finished(client, futures: dict, address: str) -> Iterator[str]:
 
 
 def shards_on_dask(cfg: PipelineConfig, store_root: str, key: str, upstream: dict[str, str],
-                   todo: list[tuple[str, int]]) -> list[str]:
+                   todo: list[tuple[str, int, int]]) -> list[str]:
     """Run the shards on the Dask cluster at ``features.dask_address``; called from the orchestrating flow."""
     address = cfg.features.dask_address
     logger = get_run_logger()
@@ -189,10 +196,10 @@ def shards_on_dask(cfg: PipelineConfig, store_root: str, key: str, upstream: dic
         _check_workers_see(client, str(Store(store_root).staging_dir(key)))
         futures = {
             client.submit(
-                compute_shard, cfg, store_root, key, upstream, split, shard,
-                key=f"features-shard-{split}-{shard}-{uuid.uuid4().hex[:8]}", pure=False, retries=SHARD_RETRIES,
-            ): (split, shard)
-            for split, shard in todo
+                compute_shard, cfg, store_root, key, upstream, split, lo, hi,
+                key=f"features-shard-{split}-{lo}-{uuid.uuid4().hex[:8]}", pure=False, retries=SHARD_RETRIES,
+            ): (split, lo, hi)
+            for split, lo, hi in todo
         }
         logger.info("%d features shard(s) submitted to the Dask cluster at %s", len(futures), address)
         messages = []
@@ -202,31 +209,60 @@ def shards_on_dask(cfg: PipelineConfig, store_root: str, key: str, upstream: dic
         return messages
 
 
-def prepare_features(cfg: PipelineConfig, store: Store, key: str, upstream: dict[str, str], force: bool) -> list[tuple[str, int]]:
-    """Create the (resumable) arrays in staging and list the shards still to do."""
+def prepare_features(cfg: PipelineConfig, store: Store, key: str, upstream: dict[str, str]) -> list[tuple[str, int, int]]:
+    """Create the (resumable) arrays in staging and list the image ranges (split, lo, hi) still to do.
+
+    Call it holding the key's lock (:meth:`Store.building`). A Zarr array's shard size is fixed when it is made, so
+    work staged in another layout (another ``features.shard_size``) is discarded: keeping it would leave units of
+    work that straddle shard files. Otherwise every range the markers cover, whatever shard size wrote them, is
+    kept, and only shards holding an uncovered image are scheduled, each aligned to its own Zarr shard.
+    """
     f = cfg.features
-    files = store.staging(key, reset=force)
+    files = store.staging_files(key)
     teacher = _teacher(str(store.root), upstream["teacher"], "cpu")
     side, dim, key_dim = feature_grid(cfg, teacher)
+    key_dim = key_dim if f.keep_keys else None
     data = DataArtifact.open(store, upstream["data"])
+    sizes = {split: len(data.records(split)) for split in data.splits}
+    units = {split: max(1, min(f.shard_size, n)) for split, n in sizes.items()}
+    layout = {"dtype": f.dtype, "side": side, "dim": dim, "key_dim": key_dim,
+              "splits": {split: {"images": sizes[split], "shard": units[split]} for split in data.splits}}
     out = FeaturesArtifact(files)
+    if out.layout() != layout:
+        if any(files.dir.iterdir()):
+            log.warning("features: the work staged in %s was written in another layout (%s); starting over with %s",
+                        files.dir, out.layout() or "not recorded", layout)
+            out = FeaturesArtifact(store.staging(key, reset=True))
+        for split in data.splits:
+            out.create(split, sizes[split], side, dim, key_dim, f.dtype, units[split])
+        out.record_layout(layout)
     todo = []
     for split in data.splits:
-        n = len(data.records(split))
-        out.create(split, n, side, dim, key_dim if f.keep_keys else None, f.dtype, f.shard_size)
-        todo += [(split, s) for s in range(-(-n // f.shard_size)) if not out.shard_done(split, s)]
+        gaps = out.missing(split, sizes[split])
+        for lo in range(0, sizes[split], units[split]):
+            hi = min(lo + units[split], sizes[split])
+            if any(g_lo < hi and lo < g_hi for g_lo, g_hi in gaps):
+                todo.append((split, lo, hi))
     return todo
 
 
+def check_coverage(out: FeaturesArtifact, sizes: dict[str, int]) -> None:
+    """Refuse to publish unless done markers cover every image of every split: an image no shard wrote is zeros."""
+    for split, n in sizes.items():
+        gaps = out.missing(split, n)
+        if gaps:
+            ranges = ", ".join(f"[{lo}, {hi})" for lo, hi in gaps)
+            raise RuntimeError(
+                f"features of images {ranges} of split {split} were never computed (no done marker covers them), so "
+                "nothing was published; rerun the features stage to compute them"
+            )
+
+
 def finish_features(cfg: PipelineConfig, store: Store, upstream: dict[str, str], files: ArtifactFiles) -> dict:
-    """Check every shard is done, then add the text embeddings of the dataset's class names."""
+    """Prove every image is computed, then add the text embeddings of the dataset's class names."""
     data = DataArtifact.open(store, upstream["data"])
     out = FeaturesArtifact(files)
-    for split in data.splits:
-        n = len(data.records(split))
-        missing = [s for s in range(-(-n // cfg.features.shard_size)) if not out.shard_done(split, s)]
-        if missing:
-            raise RuntimeError(f"features shards {missing} of split {split} did not finish; rerun the features stage")
+    check_coverage(out, {split: len(data.records(split)) for split in data.splits})
     teacher = _teacher(str(store.root), upstream["teacher"], "cpu")
     classes = data.classes
     if classes.num_classes:
@@ -235,19 +271,23 @@ def finish_features(cfg: PipelineConfig, store: Store, upstream: dict[str, str],
         files.save_tensors("text.safetensors", {"text": text.float().cpu()})
     files.write_json(CLASSES, data.meta)
     files.write_json(TEACHER_INFO, store.open(upstream["teacher"]).read_json(TEACHER_INFO))
-    out.clear_markers()
+    out.clear_progress()
     shape = {s: list(out.features(s).shape) for s in data.splits}
     return {"shape": shape, "dtype": cfg.features.dtype}
 
 
 def features_stage(cfg: PipelineConfig, store_root: str, upstream: dict[str, str], force: bool = False) -> StageResult:
-    """Sub-flow of the pipeline: prepare, map shard tasks, then publish the artifact atomically."""
+    """Sub-flow of the pipeline: prepare, map shard tasks, then publish the artifact atomically.
+
+    The key's lock is held from the first touch of its staging folder to publication, so ``clips4 store gc`` and an
+    identical run wait for this one instead of deleting or overwriting its work; ``force`` empties the folder only
+    while holding it."""
 
     @flow(name="features-shards", task_runner=ThreadPoolTaskRunner(max_workers=1))  # torch already uses every core
-    def run_shards(todo: list[tuple[str, int]]) -> list[str]:
+    def run_shards(todo: list[tuple[str, int, int]]) -> list[str]:
         if cfg.features.dask_address:
             return shards_on_dask(cfg, store_root, key, upstream, todo)
-        futures = [features_shard.submit(cfg, store_root, key, upstream, split, shard) for split, shard in todo]
+        futures = [features_shard.submit(cfg, store_root, key, upstream, *unit) for unit in todo]
         return [fut.result() for fut in futures]
 
     store = Store(store_root)
@@ -255,11 +295,16 @@ def features_stage(cfg: PipelineConfig, store_root: str, upstream: dict[str, str
     if store.exists(key) and not force:
         return run_stage(store, cfg, "features", upstream, lambda files: None)
     start = time.time()
-    todo = prepare_features(cfg, store, key, upstream, force)
-    if todo:
-        run_shards(todo)
-    result = run_stage(
-        store, cfg, "features", upstream, lambda files: finish_features(cfg, store, upstream, files), force, reset_staging=False
-    )
+    with store.building(key, reset=force) as files:
+        if store.exists(key) and not force:  # an identical run published it while this one waited for the lock
+            shutil.rmtree(files.dir, ignore_errors=True)  # the empty folder the wait made, not anyone's work
+            return run_stage(store, cfg, "features", upstream, lambda files: None)
+        todo = prepare_features(cfg, store, key, upstream)
+        if todo:
+            run_shards(todo)
+        result = run_stage(
+            store, cfg, "features", upstream, lambda files: finish_features(cfg, store, upstream, files), force,
+            reset_staging=False,
+        )
     result.seconds = round(time.time() - start, 2)
     return result

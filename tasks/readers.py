@@ -4,6 +4,7 @@ Each stage module writes its artifact's files; the names it uses are the constan
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,6 +26,8 @@ REPORT = "report.json"
 TRAIN_IMAGES = "train_images.zarr"
 TRAIN_REGIONS = "train_regions.zarr"
 WORLD = "world"
+DONE = ".done"  # staging only: markers of finished image ranges
+LAYOUT = "layout.json"  # staging only: the array layout the markers' work was written in
 
 def classes_to_json(classes: ClassInfo, dataset: str) -> dict:
     return {
@@ -118,7 +121,7 @@ class FeaturesArtifact(StoredArtifact):
     unit of work), the last block's keys, and the text embeddings of the dataset's classes."""
 
     def create(self, split: str, n: int, side: int, dim: int, key_dim: int | None, dtype: str, shard: int) -> None:
-        shard = max(1, min(shard, n))
+        """The split's arrays with ``shard`` images per Zarr shard file: the unit of work that writes it."""
         for name, d in (("features", dim), ("keys", key_dim)):
             if d:
                 self.files.create_array(
@@ -134,19 +137,50 @@ class FeaturesArtifact(StoredArtifact):
     def keys(self, split: str, mode: str = "r"):
         return self.files.open_array(f"{split}/keys.zarr", mode) if self.files.has(f"{split}/keys.zarr") else None
 
-    def _marker(self, split: str, shard: int) -> str:
-        return f".done/{split}-{shard:06d}"
+    # Progress of a build in staging: one marker per finished range of images, and the layout the arrays were made
+    # with. Markers name image ranges, not shard numbers, so they mean the same whatever shard size wrote them.
+    def _marker(self, split: str, lo: int, hi: int) -> str:
+        return f"{DONE}/{split}-{lo}-{hi}"
 
-    def shard_done(self, split: str, shard: int) -> bool:
-        return self.files.has(self._marker(split, shard))
+    def range_done(self, split: str, lo: int, hi: int) -> bool:
+        return self.files.has(self._marker(split, lo, hi))
 
-    def mark_done(self, split: str, shard: int) -> None:
-        self.files.write_json(self._marker(split, shard), {"split": split, "shard": shard})
+    def mark_done(self, split: str, lo: int, hi: int) -> None:
+        """Record that images [lo, hi) of ``split`` are written (call only after their arrays are)."""
+        self.files.write_json(self._marker(split, lo, hi), {"split": split, "lo": lo, "hi": hi})
 
-    def clear_markers(self) -> None:
+    def missing(self, split: str, n: int) -> list[tuple[int, int]]:
+        """The ranges of images [0, n) of ``split`` that no marker covers, in order."""
+        folder = self.files.dir / DONE
+        done = sorted(
+            (m["lo"], m["hi"])
+            for m in (json.loads(p.read_text()) for p in (folder.iterdir() if folder.is_dir() else []) if p.suffix != ".tmp")
+            if m["split"] == split
+        )
+        gaps, reached = [], 0
+        for lo, hi in done:
+            if lo > reached:
+                gaps.append((reached, min(lo, n)))
+            reached = max(reached, hi)
+            if reached >= n:
+                break
+        if reached < n:
+            gaps.append((reached, n))
+        return [(lo, hi) for lo, hi in gaps if lo < hi]
+
+    def layout(self) -> dict | None:
+        """The array layout a resumable build recorded in staging (None when it recorded none)."""
+        return self.files.read_json(LAYOUT) if self.files.has(LAYOUT) else None
+
+    def record_layout(self, layout: dict) -> None:
+        self.files.write_json(LAYOUT, layout)
+
+    def clear_progress(self) -> None:
+        """Drop the markers and the layout note: they describe a build, not the artifact it publishes."""
         import shutil
 
-        shutil.rmtree(self.files.dir / ".done", ignore_errors=True)
+        shutil.rmtree(self.files.dir / DONE, ignore_errors=True)
+        self.files.file(LAYOUT).unlink(missing_ok=True)
 
     @cached_property
     def classes(self) -> ClassInfo:

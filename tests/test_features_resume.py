@@ -1,5 +1,5 @@
 """The features stage after a crash: finished shards are kept as they are, the rest is redone, and the result
-equals an uninterrupted run."""
+equals an uninterrupted run, also when the resumed run uses another shard size."""
 
 from __future__ import annotations
 
@@ -65,9 +65,47 @@ def test_killed_features_stage_resumes_without_recomputing(tmp_path, tiny, prefe
     assert resumed.key == reference.key
     final = Store(killed).path(resumed.key)
     after = _shard_files(final)
-    kept = [name for name in before if name.startswith("train/") and f"train-{int(name.split('/c/')[1].split('/')[0]):06d}" in done]
+    def marker(name: str) -> str:  # shard size 1: chunk i of train is images [i, i + 1)
+        i = int(name.split("/c/")[1].split("/")[0])
+        return f"train-{i}-{i + 1}"
+
+    kept = [name for name in before if name.startswith("train/") and marker(name) in done]
     assert kept and all(after[name] == before[name] for name in kept), "finished shards were recomputed"
     a, b = FeaturesArtifact.open(Store(killed), resumed.key), FeaturesArtifact.open(Store(clean), reference.key)
     for split in ("train", "val"):
         np.testing.assert_array_equal(np.asarray(a.features(split)[:]), np.asarray(b.features(split)[:]))
         np.testing.assert_array_equal(np.asarray(a.keys(split)[:]), np.asarray(b.keys(split)[:]))
+
+
+def test_a_run_killed_and_resumed_with_another_shard_size_equals_a_clean_run(tmp_path, tiny, prefect_harness, caplog) -> None:
+    """Markers of 4-image shards must not pass for 8-image ones: the resumed run starts the staged arrays over (their
+    Zarr shard layout differs) instead of publishing the images it never computed as zeros."""
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    first = [*tiny, "features.shard_size=4", "features.batch_size=1"]
+    args = [sys.executable, "-m", "clips4.flows.cli", "run", "--preset", "demo", "--stages", "data,teacher,features",
+            "--store", str(killed), *(a for o in first for a in ("--set", o))]
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen(args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while not list((killed / ".staging").glob("features-*/.done/*")):
+        assert proc.poll() is None, f"the run ended before it could be interrupted:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, "no features shard finished in time"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not Store(killed).list("features")
+
+    cfg = resolve_config("demo", overrides=[*tiny, "features.shard_size=8"])
+    with caplog.at_level("WARNING", logger="clips4.tasks.features"):
+        *_, resumed = execute(cfg, ["data", "teacher", "features"], None, str(killed))
+    assert "starting over" in caplog.text
+    *_, reference = execute(cfg, ["data", "teacher", "features"], None, str(clean))
+    assert resumed.key == reference.key and not resumed.reused
+    a, b = FeaturesArtifact.open(Store(killed), resumed.key), FeaturesArtifact.open(Store(clean), reference.key)
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(np.asarray(a.features(split)[:]), np.asarray(b.features(split)[:]))
+        np.testing.assert_array_equal(np.asarray(a.keys(split)[:]), np.asarray(b.keys(split)[:]))
+    assert not any((killed / ".staging").iterdir()), "the resumed run left staging debris"
