@@ -5,17 +5,26 @@ Prefect is imported only by the commands that run flows, so inspecting configs a
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import signal
 import sys
+import traceback
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from clips4.config import STAGES, ConfigError, list_presets, reference_markdown, resolve_config, to_yaml
-from clips4.storage import Store, StoreError, human_bytes
+from clips4.config import ConfigError, list_presets, reference_markdown, resolve_config, to_yaml
+from clips4.storage import Manifest, Store, StoreError, human_bytes
+from clips4.tasks.stages import STAGES
 
 app = typer.Typer(help="CLIP-S4 semantic segmentation without labels, as a resumable pipeline.", no_args_is_help=True)
 config_app = typer.Typer(help="Resolve and print configurations.", no_args_is_help=True)
@@ -36,9 +45,104 @@ ScaleOpt = Annotated[Optional[list[float]], typer.Option(help="Input scale: imag
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. train.lr=0.02 (repeatable).")]
 
 
+DEBUG_ENV = "CLIPS4_DEBUG"
+written_roots: list[Path] = []  # where the running command writes: a full disk without a file name names these
+
+
+@app.callback()
+def options(
+    debug: Annotated[bool, typer.Option("--debug", help=f"Show the traceback of an error (or set {DEBUG_ENV}=1).")] = False,
+) -> None:
+    """Options of every command."""
+    written_roots.clear()  # typer's test runner calls the app many times in one process
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # also for the processes a run starts
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def say_error(message: str) -> None:
+    """The one ``error:`` line that ends a failed command (a multi-line message is joined, markup shown as is)."""
+    line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    err.print(f"[red]error:[/red] {escape(line)}", highlight=False)
+
+
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    say_error(message)
     raise typer.Exit(code)
+
+
+def _raised_by_clips4(exc: BaseException) -> bool:
+    """Whether clips4 defines the exception's class or raised it itself: clips4 raises RuntimeError for what the user
+    can fix (a stage that needs an artifact, a teacher that cannot load), torch raises it for bugs too."""
+    if type(exc).__module__.split(".")[0] == "clips4":
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0] == "clips4"
+
+
+def _describe_os_error(exc: OSError) -> str:
+    where = exc.filename if exc.filename is not None else ", ".join(map(str, written_roots)) or None
+    at = f" ({where})" if where is not None else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device{at}: free space there (or write elsewhere, e.g. --store) and rerun the " \
+               f"same command to resume"
+    if exc.errno == errno.EROFS:
+        return f"read-only file system{at}: write elsewhere (e.g. --store or $CLIPS4_STORE)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{at}: make it writable for this user or write elsewhere (e.g. --store)"
+    if exc.strerror and where is not None:
+        return f"{exc.strerror.lower()}{at}"
+    return str(exc) or type(exc).__name__
+
+
+def describe(exc: BaseException) -> tuple[str, int] | None:
+    """The error line for a user error and the exit code; None for a bug (an error that clips4 did not foresee)."""
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or clips4.flows.server.Interrupted with the signal's number
+        signum = getattr(exc, "signum", signal.SIGINT)
+        return f"interrupted by {signal.Signals(signum).name}; rerun the same command to resume", 128 + signum
+    if isinstance(exc, OSError):
+        return _describe_os_error(exc), 1
+    if isinstance(exc, json.JSONDecodeError):
+        return f"a JSON file is corrupt ({exc}); rerun with --debug to see which, then fix or remove it", 1
+    if isinstance(exc, ValueError) or (isinstance(exc, RuntimeError) and _raised_by_clips4(exc)):
+        return str(exc) or type(exc).__name__, 1
+    return None
+
+
+def report(exc: BaseException) -> int:
+    """Print the error line of ``exc`` (after its traceback with --debug, or when it is a bug); return the exit code."""
+    described = describe(exc)
+    if described is None or debugging():
+        traceback.print_exception(exc)
+    if described is None:
+        say_error(f"{type(exc).__name__}: {exc} -- this is a bug in clips4; please report it with the traceback above")
+        return 1
+    message, code = described
+    say_error(message)
+    return code
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """A user error in a command's work ends it with its error line (exit 1, or 128 + the signal), after its traceback
+    with --debug; a bug goes on to :func:`main`. Here rather than in main() alone so that typer's test runner sees
+    the line too, and because typer turns a KeyboardInterrupt that leaves the command into a silent exit 130."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):  # typer's own exits, RuntimeErrors that fail() raises
+        raise
+    except (Exception, KeyboardInterrupt) as e:
+        described = describe(e)
+        if described is None:
+            raise
+        if debugging():
+            traceback.print_exception(e)
+        fail(*described)
 
 
 def load_config(preset: str | None, config: Path | None, overrides: list[str] | None):
@@ -79,26 +183,36 @@ def store_ls(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON objects instead of a table.")] = False,
     store: StoreOpt = None,
 ) -> None:
-    """List complete artifacts, oldest first."""
+    """List complete artifacts, oldest first, then broken ones (unreadable manifest) with the reason."""
     st = open_store(store)
     if kind is not None and kind not in STAGES:
         fail(f"unknown kind {kind!r}; kinds are {', '.join(STAGES)}")
     rows = [
-        {"kind": m.kind, "key": m.key, "path": str(st.path(m.key)), "status": m.status, "created": m.created, "size": m.size}
+        {"kind": m.kind, "key": m.key, "path": str(st.path(m.key)), "status": m.status, "created": m.created,
+         "size": m.size}
         for m in st.list(kind)
+    ] + [
+        {"kind": b.kind, "key": b.key, "path": str(b.path), "status": b.status, "created": None, "size": None,
+         "reason": b.reason}
+        for b in st.broken(kind)
     ]
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = Table("kind", "key", "created", "size", "path")
+    table = Table("kind", "key", "status", "created", "size", "path")
     for r in rows:
-        table.add_row(r["kind"], r["key"], r["created"], human_bytes(r["size"]), r["path"])
+        size = "-" if r["size"] is None else human_bytes(r["size"])
+        table.add_row(r["kind"], r["key"], r["status"], r["created"] or "-", size, r["path"])
     console.print(table if rows else f"no artifacts in {st.root}")
+    for r in rows:
+        if "reason" in r:
+            console.print(f"{r['key']} is broken: {r['reason']} (`clips4 store rm {r['key']}` removes it)",
+                          markup=False, highlight=False, soft_wrap=True)
 
 
 @store_app.command("show")
 def store_show(key: str, store: StoreOpt = None) -> None:
-    """Print an artifact's manifest, its files and its lineage."""
+    """Print an artifact's manifest, its files and its lineage (exit 2 when it is missing or broken)."""
     st = open_store(store)
     try:
         manifest = st.manifest(key)
@@ -106,9 +220,9 @@ def store_show(key: str, store: StoreOpt = None) -> None:
     except StoreError as e:
         fail(str(e))
     console.print_json(json.dumps({k: v for k, v in manifest.__dict__.items() if k != "files"}, default=str))
-    files = Table("file", "size")
-    for name, size in manifest.files.items():
-        files.add_row(name, human_bytes(size))
+    files = Table("file", "size", "sha256")
+    for name, record in manifest.files.items():
+        files.add_row(name, human_bytes(record.size), record.sha256[:16] if record.sha256 else "unverified")
     console.print(files)
     console.print("lineage: " + " <- ".join(f"{m.kind}:{m.key}" for m in lineage))
 
@@ -119,7 +233,7 @@ def store_rm(
     cascade: Annotated[bool, typer.Option(help="Also remove artifacts built from it.")] = False,
     store: StoreOpt = None,
 ) -> None:
-    """Remove an artifact (refused while downstream artifacts exist, unless --cascade)."""
+    """Remove an artifact, broken ones included (refused while downstream artifacts exist, unless --cascade)."""
     try:
         removed = open_store(store).remove(key, cascade=cascade)
     except StoreError as e:
@@ -127,11 +241,64 @@ def store_rm(
     console.print("removed " + ", ".join(removed))
 
 
+def parse_duration(text: str) -> float:
+    """'90', '30s', '30m', '2h', '1d' -> seconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if not match:
+        raise typer.BadParameter(f"{text!r} is not a duration; write e.g. 0, 45s, 30m, 2h or 1d")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
 @store_app.command("gc")
-def store_gc(store: StoreOpt = None) -> None:
-    """Remove staging debris left by killed writers, and leftover trash."""
-    cleaned = open_store(store).gc()
-    console.print(f"cleaned {len(cleaned)} item(s)" + "".join(f"\n  {c}" for c in cleaned))
+def store_gc(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Leave staging folders changed more recently than this (0, 30m, 2h).")
+    ] = "1h",
+    store: StoreOpt = None,
+) -> None:
+    """Remove staging debris left by killed writers, and leftover trash (exit 1 when something could not be removed).
+
+    Staging folders whose build is running (lock held) or that changed recently stay; links are never followed."""
+    report = open_store(store).gc(older_than=parse_duration(older_than))
+    console.print(f"removed {len(report.removed)} item(s)" + "".join(f"\n  {c}" for c in report.removed),
+                  markup=False, highlight=False, soft_wrap=True)
+    for note in report.skipped:
+        console.print(f"left {note}", markup=False, highlight=False, soft_wrap=True)
+    for failure in report.failed:
+        err.print(failure, markup=False, highlight=False)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+LARGE_ARTIFACT = 256 * 2**20  # verifying artifacts this big (bytes) shows a progress bar
+
+
+@store_app.command("verify")
+def store_verify(
+    keys: Annotated[Optional[list[str]], typer.Argument(help="Artifact keys (default: every artifact).")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Check every file of the artifacts against their manifests (size and SHA-256); exit 1 when any is damaged."""
+    from clips4.progress import track
+
+    st = open_store(store)
+
+    def progress(manifest: Manifest, names: list[str]) -> Iterable[str]:
+        return track(names, f"verifying {manifest.key}", unit="file") if manifest.size >= LARGE_ARTIFACT else names
+
+    try:
+        targets = keys or [m.key for m in st.list()] + [b.key for b in st.broken()]
+        problems = st.verify(targets, progress=progress)
+    except StoreError as e:
+        fail(str(e))
+    for problem in problems:
+        console.print(str(problem), markup=False, highlight=False, soft_wrap=True)
+    serious = [p for p in problems if p.serious]
+    verdict = f"{len(serious)} damaged or missing file(s) in {len({p.key for p in serious})} artifact(s)"
+    console.print(f"verified {len(targets)} artifact(s): {verdict if serious else 'no damage found'}",
+                  markup=False, highlight=False)
+    if serious:
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------------------------------------------- run
@@ -147,6 +314,7 @@ def run(
     """Run the pipeline (or some stages) in-process, reusing every artifact that is already complete.
 
     Under torchrun the train stage trains with DDP: rank 0 runs the pipeline, the other ranks only train beside it.
+    SIGTERM or Ctrl-C stops the run (exit 143 or 130) and its temporary Prefect server; rerun to resume.
     """
     cfg = load_config(preset, config, set_)  # refuse a bad config before Prefect starts
     chosen = [s.strip() for s in stages.split(",")] if stages else list(STAGES)
@@ -164,17 +332,19 @@ def run(
         except (StoreError, ValueError, OSError) as e:
             fail(str(e), code=1)
         return
-    from clips4.flows.pipeline import PipelineError, run_pipeline
+    from clips4.flows.pipeline import run_pipeline
+    from clips4.flows.server import terminal_without_tracebacks
 
-    try:
+    if not debugging():
+        terminal_without_tracebacks()
+    written_roots.append(open_store(store).root)
+    with user_errors():
         run_pipeline(preset, str(config) if config else None, set_, chosen, force, store, console)
-    except (PipelineError, StoreError, ConfigError, ValueError, OSError) as e:
-        fail(str(e), code=1)
 
 
 @app.command("segment")
 def segment(
-    images: Annotated[list[Path], typer.Argument(help="Image files to segment.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files, or folders searched recursively for images; outputs mirror their paths relative to the folder that holds them all.")],
     classes: Annotated[str, typer.Option(help="Class names, comma-separated; 'a | b' gives synonyms of one class.")],
     checkpoint: CheckpointOpt = None,
     out: OutOpt = Path("masks"),
@@ -182,19 +352,21 @@ def segment(
     store: StoreOpt = None,
     scale: ScaleOpt = None,
     new_class_floor: FloorOpt = 0.0,
+    max_pixels: Annotated[Optional[int], typer.Option(min=0, help="Refuse images with more pixels, from their header, before the model loads (default: the default of data.max_pixels, 50 million); 0: no limit.")] = None,
 ) -> None:
-    """Label maps (palette PNG and raw ids) and overlays for your own images, with any class names."""
+    """Label maps (colour mask and raw ids; 16-bit ids past 255 classes) and overlays for your own images, with any
+    class names."""
+    from clips4.config import DataConfig
     from clips4.tasks.segment import segment_files
 
-    missing = [str(p) for p in images if not p.is_file()]
-    if missing:
-        fail(f"no such image file(s): {', '.join(missing)}")
-    try:
-        written = segment_files(open_store(store), images, classes, out, checkpoint, device, scales=scale or [1.0],
-                                new_class_floor=new_class_floor)
-    except (StoreError, ValueError) as e:
-        fail(str(e), code=1)
-    console.print(f"wrote masks and overlays of {len(written)} image(s) to {out}")
+    limit = DataConfig().max_pixels if max_pixels is None else max_pixels or None
+    st = open_store(store)
+    written_roots.append(out)
+    with user_errors():
+        done = segment_files(st, images, classes, out, checkpoint, device, scales=scale or [1.0],
+                             new_class_floor=new_class_floor, max_pixels=limit)
+    console.print(f"used student {done.student} and teacher {done.teacher} from {st.root}")
+    console.print(f"wrote masks and overlays of {len(done.masks)} image(s) to {out}")
 
 
 @app.command("export-masks")
@@ -210,12 +382,12 @@ def export_masks(
     """Masks of a whole dataset split, with the dataset's class names (held-out classes included)."""
     from clips4.tasks.segment import export_split
 
-    try:
-        count = export_split(open_store(store), split, out, checkpoint, device, scales=scale or [1.0],
-                             new_class_floor=new_class_floor)
-    except (StoreError, ValueError) as e:
-        fail(str(e), code=1)
-    console.print(f"wrote masks of {count} image(s) of split {split} to {out}")
+    st = open_store(store)
+    written_roots.append(out)
+    with user_errors():
+        done = export_split(st, split, out, checkpoint, device, scales=scale or [1.0], new_class_floor=new_class_floor)
+    console.print(f"used student {done.student} and teacher {done.teacher} from {st.root}")
+    console.print(f"wrote masks of {len(done.masks)} image(s) of split {split} to {out}")
 
 
 GpuSlotsOpt = Annotated[Optional[int], typer.Option(min=1, help="At most this many GPU-bound stages run at once, across all flows and workers (sets the Prefect global concurrency limit 'clips4-gpu'); e.g. 1 per GPU.")]
@@ -251,7 +423,12 @@ def deploy_cmd(
 
 
 def main() -> None:
-    app()
+    """The ``clips4`` command: whatever fails ends with one ``error:`` line and a non-zero exit code (the traceback
+    too only with --debug, or for a bug)."""
+    try:
+        app()  # exits itself on success, on typer.Exit and on usage errors
+    except Exception as e:
+        sys.exit(report(e))
 
 
 if __name__ == "__main__":

@@ -25,15 +25,15 @@ from prefect.flows import Flow  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from clips4.config import STAGES, ConfigError, PipelineConfig, resolve_config  # noqa: E402
+from clips4.config import ConfigError, PipelineConfig, resolve_config  # noqa: E402
+from clips4.flows.server import interruptible, prefect_api  # noqa: E402
 from clips4.storage import Store  # noqa: E402
-from clips4.tasks import STAGE_TASKS  # noqa: E402
-from clips4.tasks.common import StageResult, forced_stages, plan_keys, upstream_stages  # noqa: E402
+from clips4.tasks.common import StageResult, plan_keys  # noqa: E402
+from clips4.tasks.stages import BY_NAME, STAGES, forced_stages  # noqa: E402
 from clips4.tasks.preflight import PreflightError, check_force, check_stages, preflight  # noqa: E402
 from clips4.tasks.report import publish_run_summary  # noqa: E402
 
 GPU_LIMIT = "clips4-gpu"  # Prefect global concurrency limit that GPU-bound stages take a slot of, when it exists
-GPU_BOUND = frozenset({"teacher", "features", "cluster", "train", "evaluate"})
 
 
 class PipelineError(RuntimeError):
@@ -57,7 +57,7 @@ def load_run_config(
 def upstream_for(cfg: PipelineConfig, stage: str, chosen: list[str], store: Store) -> list[str]:
     """Upstream stages of ``stage`` in this run. Evaluate reads a trained student only when one is (or will be) there,
     so ``--stages data,teacher,features,evaluate`` evaluates the MaskCLIP baseline alone."""
-    ups = upstream_stages(cfg, stage)
+    ups = BY_NAME[stage].reads(cfg)
     if stage == "evaluate" and "train" not in chosen and not store.exists(plan_keys(cfg, ["train"])["train"]):
         ups = [u for u in ups if u != "train"]
     return ups
@@ -75,7 +75,7 @@ def _gpu_limit_exists() -> bool:
 @contextmanager
 def gpu_slot(stage: str, limited: bool) -> Iterator[None]:
     """Hold one slot of the ``clips4-gpu`` limit while a GPU-bound stage runs (``clips4 serve --gpu-slots N``)."""
-    if limited and stage in GPU_BOUND:
+    if limited and BY_NAME[stage].gpu:
         with concurrency(GPU_LIMIT, occupy=1):
             yield
     else:
@@ -93,7 +93,7 @@ def execute(cfg: PipelineConfig, stages: list[str], force: str | None, store: st
     for line in plan.lines():
         print(line)
     forced = forced_stages(force)
-    limited = bool(GPU_BOUND & set(plan.build)) and _gpu_limit_exists()
+    limited = any(BY_NAME[s].gpu for s in plan.build) and _gpu_limit_exists()
     keys: dict[str, str] = {}
     results: list[StageResult] = []
     for stage in (s for s in STAGES if s in stages):
@@ -106,7 +106,7 @@ def execute(cfg: PipelineConfig, stages: list[str], force: str | None, store: st
                 f"add those stages to --stages"
             )
         with gpu_slot(stage, limited and stage in plan.build):
-            result = STAGE_TASKS[stage](cfg, str(st.root), upstream, stage in forced)
+            result = BY_NAME[stage].run()(cfg, str(st.root), upstream, stage in forced)
         keys[stage] = result.key
         results.append(result)
     return results
@@ -164,14 +164,7 @@ clips4_features = _stage_flow("features")
 clips4_cluster = _stage_flow("cluster")
 clips4_train = _stage_flow("train")
 clips4_evaluate = _stage_flow("evaluate")
-STAGE_FLOWS: dict[str, Flow] = {
-    "data": clips4_data,
-    "teacher": clips4_teacher,
-    "features": clips4_features,
-    "cluster": clips4_cluster,
-    "train": clips4_train,
-    "evaluate": clips4_evaluate,
-}
+STAGE_FLOWS: dict[str, Flow] = {s: globals()[f"clips4_{s}"] for s in STAGES}  # one module-level flow per stage
 
 
 def run_pipeline(
@@ -183,8 +176,12 @@ def run_pipeline(
     store: str | None,
     console: Console,
 ) -> list[StageResult]:
-    """In-process run (Prefect's ephemeral mode, no server) with a stage summary and the metric table at the end."""
-    rows = clips4_pipeline(preset, config_file, overrides, stages, force, store)
+    """In-process run with a stage summary and the metric table at the end.
+
+    Without PREFECT_API_URL the run starts a temporary Prefect server that ends with it, however it ends; SIGTERM and
+    SIGINT raise :class:`~clips4.flows.server.Interrupted`, leaving staged work for a rerun to resume."""
+    with interruptible(), prefect_api(console.print):
+        rows = clips4_pipeline(preset, config_file, overrides, stages, force, store)
     results = [StageResult(**r) for r in rows]
     table = Table("stage", "status", "key", "seconds", title="stages")
     for r in results:
