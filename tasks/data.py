@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +19,8 @@ from clips4.storage import ArtifactFiles, Store
 from clips4.tasks.common import StageResult, run_stage
 from clips4.tasks.observe import observed
 from clips4.tasks.readers import CLASSES, RECORDS, REPORT, TRAIN_IMAGES, TRAIN_REGIONS, WORLD, classes_to_json
+
+log = logging.getLogger(__name__)
 
 
 def _relative(path: str | None, base: Path) -> str | None:
@@ -36,7 +40,7 @@ def build_data(cfg: PipelineConfig, files: ArtifactFiles) -> dict:
     records: list[Record] = [r for split in data.splits for r in dataset.records(split)]
     if not records:
         raise ValueError(f"dataset {data.dataset} at {data.root} has no images in splits {data.splits}")
-    report = validate_records(records, dataset, data.on_bad_input, num_workers=data.num_workers)
+    report = validate_records(records, dataset, data.on_bad_input, data.num_workers, data.max_pixels)
     base = files.dir.resolve()
     table = pd.DataFrame(
         {
@@ -69,4 +73,21 @@ def build_data(cfg: PipelineConfig, files: ArtifactFiles) -> dict:
 def data_task(cfg: PipelineConfig, store_root: str, upstream: dict[str, str], force: bool = False) -> StageResult:
     """Build (or reuse) the dataset artifact."""
     with observed():
-        return run_stage(Store(store_root), cfg, "data", upstream, lambda files: build_data(cfg, files), force)
+        store = Store(store_root)
+        result = run_stage(store, cfg, "data", upstream, lambda files: build_data(cfg, files), force)
+        warn_skipped(store, result)
+        return result
+
+
+def warn_skipped(store: Store, result: StageResult) -> None:
+    """One warning line (terminal and Prefect run log) when data.on_bad_input=skip set files aside, so a skip is
+    never silent; a reused artifact warns again, since its skipped files are still missing from this run."""
+    count = result.summary.get("bad_inputs", 0)
+    if not count:
+        return
+    report = store.path(result.key) / REPORT
+    first = json.loads(report.read_text())["bad"][0]
+    log.warning(
+        "skipped %d bad input file%s (first: %s: %s); list in %s",
+        count, "" if count == 1 else "s", first["path"], first["problem"], report,
+    )

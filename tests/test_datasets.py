@@ -375,8 +375,11 @@ def test_synthetic_adapter_writes_the_world_and_reads_its_labels(tmp_path: Path)
     label = ds.read_label(train[0].label_path)
     assert label.shape == (32, 32) and label.max() < 6
     assert len(get_dataset(cfg.model_copy(update={"max_images": 1}), root=tmp_path).records("train")) == 1
-    with pytest.raises(DatasetError, match="synthetic world has splits train and val"):
-        ds.records("test")
+    with pytest.raises(DatasetError, match="synthetic world has splits train, val and test"):
+        ds.records("holdout")
+    no_test = cfg.model_copy(update={"synthetic": cfg.synthetic.model_copy(update={"num_test": 0})})
+    with pytest.raises(DatasetError, match="num_test is 0"):
+        get_dataset(no_test, root=tmp_path / "no-test").records("test")
     with pytest.raises(DatasetError, match="data.root is not set"):
         get_dataset(cfg)
 

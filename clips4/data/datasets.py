@@ -18,7 +18,7 @@
   ``annotations/{training,validation}/*.png``; split train -> training, val -> validation; 0 ("other") is ignored.
 - imagefolder: any folder. Every image (jpg, jpeg, png, bmp, webp; recursive; hidden files skipped) is in *every*
   requested split, because unlabelled data has no split of its own. No labels and no classes.
-- synthetic: the generated world (METHOD.md §8), written under the ``root`` the caller passes.
+- synthetic: the generated world (docs/method.md §8), written under the ``root`` the caller passes.
 
 Records of a split are sorted by image id; ``data.max_images`` keeps the first N.
 """
@@ -423,9 +423,12 @@ class SyntheticDataset(Dataset):
         self._set_classes([[name] for name in names], LabelCodec(np.arange(len(names))))
 
     def _records(self, split: str) -> list[Record]:
-        counts = {"train": self.cfg.synthetic.num_train, "val": self.cfg.synthetic.num_val}
+        s = self.cfg.synthetic
+        counts = {"train": s.num_train, "val": s.num_val, "test": s.num_test}
         if split not in counts:
-            raise DatasetError(f"the synthetic world has splits train and val, not {split!r}; fix data.splits")
+            raise DatasetError(f"the synthetic world has splits train, val and test, not {split!r}; fix data.splits")
+        if counts[split] == 0:
+            raise DatasetError(f"data.splits names {split!r} but data.synthetic.num_{split} is 0; raise it")
         count = min(counts[split], self.cfg.max_images or counts[split])
         return self.world.write(self.root, split, count)
 
