@@ -1,4 +1,4 @@
-"""The three evaluation protocols of METHOD.md §6 on frozen pixel embeddings: language, unsupervised, linear probe.
+"""The three evaluation protocols of docs/method.md §6 on frozen pixel embeddings: language, unsupervised, linear probe.
 
 Layout convention: every embedding map here is [B,D,h,w] (torch conv layout) at feature resolution; labels are
 int [B,H,W] at label resolution with 255 = ignore. Class scores are computed at feature resolution and upsampled
@@ -22,10 +22,27 @@ from clips4.maskclip import LOGIT_SCALE
 from clips4.metrics import ConfusionMatrix, hungarian_mapping, segmentation_scores
 from clips4.progress import track
 from clips4.prototypes import spherical_kmeans
+from clips4.sampling import sample_pixels
 
 DROPPED_SCORE = -1e30
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 """Pairs (embeddings [B,D,h,w], labels [B,H,W])."""
+Embedder = Callable[[list[int]], torch.Tensor]
+"""Image indices of a split -> embeddings [B,D,h,w]: maps read or computed on demand, so a split need not fit memory."""
+
+
+def array_embedder(features) -> Embedder:
+    """Embeddings [B,D,h,w] read from a stored [N,h,w,D] array (MaskCLIP's features, cached student maps, any array
+    indexable by image); a contiguous run of indices is read as one slice."""
+
+    def embed(idx: list[int]) -> torch.Tensor:
+        if list(idx) == list(range(idx[0], idx[-1] + 1)):
+            rows = np.asarray(features[idx[0] : idx[-1] + 1])
+        else:
+            rows = np.stack([np.asarray(features[i]) for i in idx])
+        return torch.from_numpy(rows).permute(0, 3, 1, 2).float()
+
+    return embed
 
 
 def cosine_logits(emb: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -66,7 +83,7 @@ def language_logits(emb: torch.Tensor, weights: torch.Tensor, centre: torch.Tens
     ``centre`` [D] (:func:`clips4.inference.embedding_centre`), its embeddings first move by :func:`cone_shift`,
     the gap measured on the student and re-centred on the classes named now (held-out names appended at test
     time, or a user's own), so no class is favoured for having been known at training. ``bias`` [K] is added to
-    the scores (:func:`share_floor_bias`).
+    the scores (the share floor, :func:`clips4.calibration.share_floor_bias`).
     """
     if centre is not None:
         shift = cone_shift(weights, centre).to(emb.device)
@@ -75,44 +92,11 @@ def language_logits(emb: torch.Tensor, weights: torch.Tensor, centre: torch.Tens
     return scores if bias is None else scores + bias.to(scores).view(1, -1, 1, 1)
 
 
-def argmax_shares(scores: Iterable[torch.Tensor], num_classes: int) -> torch.Tensor:
-    """Share [K] of the pixels whose highest score is each class, over score maps [B,K,h,w] or rows [N,K]."""
-    counts = torch.zeros(num_classes, dtype=torch.float64)
-    for s in scores:
-        counts += torch.bincount(s.argmax(dim=1).flatten().cpu(), minlength=num_classes).double()
-    if counts.sum() == 0:
-        raise ValueError("no pixels to measure class shares on: the score maps are empty")
-    return (counts / counts.sum()).float()
-
-
-def share_floor_bias(scores: torch.Tensor, reference_share: torch.Tensor, classes: Sequence[int], floor: float,
-                     passes: int = 3) -> torch.Tensor:
-    """Bias [K] >= 0, non-zero only on ``classes``: the least that gives each of them at least ``floor`` x its
-    ``reference_share`` [K] of the argmax over ``scores`` [N,K] (pixels of unlabelled calibration images).
-
-    Why: the student keeps the teacher's majority for alike-looking pixels, so a class named only at test time that
-    the teacher finds on a minority of its pixels can vanish from the student's argmax while still scoring highest
-    on them (docs/STATUS.md, twenty-fourth session). Given the teacher's share as the reference, the bias is a
-    quantile of each class's margin to the best other class; a few passes settle classes that compete with each
-    other. Classes the student already gives their floor keep a bias of 0.
-    """
-    scores = scores.float()
-    bias = torch.zeros(scores.shape[1])
-    for _ in range(passes):
-        for k in classes:
-            need = floor * float(reference_share[k])
-            if need <= 0:
-                continue
-            others = (scores + bias).index_fill(1, torch.tensor([k]), float("-inf")).max(dim=1).values
-            bias[k] = max(0.0, float(torch.quantile(others - scores[:, k], min(need, 1.0))))
-    return bias
-
-
 def predict_language(
     emb: torch.Tensor, text: torch.Tensor, out_size: tuple[int, int], centre: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Language-driven segmentation int64 [B,H,W]: nearest class text embedding per pixel (METHOD.md §6), scored
+    """Language-driven segmentation int64 [B,H,W]: nearest class text embedding per pixel (docs/method.md §6), scored
     by :func:`language_logits`."""
     return upsample_argmax(language_logits(emb, text, centre, bias), out_size)
 
@@ -166,26 +150,6 @@ class Clustering:
         return torch.as_tensor(self.mapping, device=clusters.device)[clusters]
 
 
-def sample_pixels(batches: Iterable[torch.Tensor], size: int, seed: int) -> torch.Tensor:
-    """A uniform random sample of at most ``size`` pixel embeddings [N,D] (float32, CPU) from maps [B,D,h,w].
-
-    Every pixel draws a random priority and the ``size`` highest are kept, so memory stays bounded by one batch plus
-    the sample however many batches come.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    kept, priority = torch.empty(0), torch.empty(0)
-    for emb in batches:
-        pixels = emb.detach().float().cpu().permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
-        kept = torch.cat([kept.reshape(-1, pixels.shape[1]), pixels])
-        priority = torch.cat([priority, torch.rand(len(pixels), generator=generator)])
-        if len(kept) > size:
-            top = priority.topk(size).indices
-            kept, priority = kept[top], priority[top]
-    if len(kept) == 0:
-        raise ValueError("no embeddings to sample from: the batches are empty")
-    return kept
-
-
 def unsupervised_segmentation(
     batches: Batches,
     num_classes: int,
@@ -226,7 +190,7 @@ def train_linear_probe(
     batch_size: int = 16,
     ignore_index: int = IGNORE_INDEX,
 ) -> nn.Conv2d:
-    """A 1x1 conv probe [D -> K] trained with cross-entropy on frozen embeddings (transfer protocol, METHOD.md §6).
+    """A 1x1 conv probe [D -> K] trained with cross-entropy on frozen embeddings (transfer protocol, docs/method.md §6).
 
     ``train_emb`` [N,D,h,w] (any float dtype, may stay on the CPU) and ``train_labels`` [N,h,w] at the same
     resolution (downsample full labels with :func:`resize_labels`, nearest). Mini-batches of ``batch_size`` images

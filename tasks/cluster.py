@@ -8,26 +8,13 @@ import torch
 from prefect import task
 
 from clips4.config import PipelineConfig
-from clips4.prototypes import close_gap, modality_gap, unknown_prototypes
+from clips4.prototypes import LabelRule, close_gap, modality_gap, unknown_prototypes
+from clips4.sampling import sample_features
 from clips4.visualize import prototype_map
 from clips4.storage import ArtifactFiles, Store
 from clips4.tasks.common import StageResult, run_stage
 from clips4.tasks.observe import observed
 from clips4.tasks.readers import PROTOTYPES, FeaturesArtifact
-
-
-def sample_features(features, size: int, seed: int) -> np.ndarray:
-    """``size`` dense vectors drawn uniformly over the images and positions of a [N,h,w,D] array, re-normalised.
-    Reads one image at a time, so memory stays bounded by the sample, not the dataset."""
-    n, h, w, d = features.shape
-    rng = np.random.default_rng(seed)
-    picks = np.sort(rng.integers(0, n * h * w, size=min(size, n * h * w)))
-    image, pos = np.divmod(picks, h * w)
-    out = np.empty((len(picks), d), np.float32)
-    for i in np.unique(image):
-        rows = image == i
-        out[rows] = np.asarray(features[int(i)]).reshape(h * w, d)[pos[rows]]
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
 def build_cluster(cfg: PipelineConfig, store: Store, upstream: dict[str, str], files: ArtifactFiles) -> dict:
@@ -43,8 +30,9 @@ def build_cluster(cfg: PipelineConfig, store: Store, upstream: dict[str, str], f
         gap = modality_gap(sample, known)
         sample = close_gap(sample, gap)
     use_gpu = None if c.device == "auto" else c.device.startswith("cuda")
+    rule = LabelRule.from_config(c).with_floor(sample, known, c.known_quantile)
     protos, known_sizes, unknown_sizes = unknown_prototypes(
-        sample, known, c.num_unknown, c.iterations, c.seed, c.max_points_per_centroid, use_gpu=use_gpu
+        sample, known, c.num_unknown, c.iterations, c.seed, c.max_points_per_centroid, use_gpu=use_gpu, rule=rule
     )
     files.save_tensors(
         PROTOTYPES,
@@ -52,6 +40,7 @@ def build_cluster(cfg: PipelineConfig, store: Store, upstream: dict[str, str], f
             "known": torch.from_numpy(known).float(),
             "unknown": torch.from_numpy(protos).float(),
             "gap": torch.from_numpy(gap),
+            "known_floor": torch.tensor([rule.known_floor]),  # L_sem's labelling rule needs it in training
         },
     )
     names = [classes.names[i] for i in known_ids] + [f"unknown-{j}" for j in range(len(protos))]
@@ -66,7 +55,9 @@ def build_cluster(cfg: PipelineConfig, store: Store, upstream: dict[str, str], f
     files.write_table("prototypes", table, also=("csv", "md"))
     prototype_map(known, protos, [classes.names[i] for i in known_ids], files.file("prototypes.png"))
     gap_norm = round(float(np.linalg.norm(gap)), 4)
-    return {"known": len(known_ids), "unknown": len(protos), "sample": len(sample), "gap_norm": gap_norm}
+    known_share = round(float(known_sizes.sum()) / max(len(sample), 1), 4)  # sampled points labelled a known class
+    return {"known": len(known_ids), "unknown": len(protos), "sample": len(sample), "gap_norm": gap_norm,
+            "known_floor": round(rule.known_floor, 4), "known_label_share": known_share}
 
 
 @task(name="cluster-stage")

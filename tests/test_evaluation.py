@@ -10,14 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from clips4.evaluation import (
-    argmax_shares,
+    array_embedder,
     channel_moments,
     cosine_logits,
     language_logits,
     predict_language,
     resize_labels,
     score_classifier,
-    share_floor_bias,
     train_linear_probe,
     unsupervised_segmentation,
     upsample_argmax,
@@ -68,35 +67,6 @@ def test_recentring_from_the_students_centre_frees_a_held_out_class_from_the_kno
     at_centre = language_logits(centre.view(1, 4, 1, 1), named, centre=centre)
     torch.testing.assert_close(at_centre, torch.full_like(at_centre, at_centre[0, 0].item()))
     torch.testing.assert_close(language_logits(emb, named), cosine_logits(emb, named))
-
-
-def test_argmax_shares_count_each_pixels_winner():
-    scores = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 3.0, 1.0], [0.0, 0.0, 5.0]])
-    torch.testing.assert_close(argmax_shares([scores[:2], scores[2:]], 3), torch.tensor([0.25, 0.5, 0.25]))
-    maps = scores.T.reshape(1, 3, 2, 2)  # the same pixels as a [B,K,h,w] map
-    torch.testing.assert_close(argmax_shares([maps], 3), torch.tensor([0.25, 0.5, 0.25]))
-    with pytest.raises(ValueError, match="empty"):
-        argmax_shares([], 3)
-
-
-def test_share_floor_bias_raises_a_vanished_class_to_its_floor_and_only_it():
-    g = torch.Generator().manual_seed(0)
-    n = 10_000
-    scores = torch.randn(n, 4, generator=g)
-    scores[:, 3] = scores[:, :3].max(1).values - 0.1 - torch.rand(n, generator=g)  # class 3 never wins: runner-up
-    reference = torch.tensor([0.3, 0.3, 0.3, 0.1])
-    assert argmax_shares([scores], 4)[3] == 0
-    bias = share_floor_bias(scores, reference, classes=[3], floor=0.5)
-    assert (bias[:3] == 0).all() and bias[3] > 0.1
-    share = argmax_shares([scores + bias], 4)[3]
-    assert abs(share - 0.05) < 0.002  # 0.5 x the reference's 0.1, not more
-    # The pixels it takes are those where it came closest: they score it highest after the bias.
-    won = (scores + bias).argmax(1) == 3
-    margin = scores[:, :3].max(1).values - scores[:, 3]
-    assert margin[won].max() <= margin[~won].min()
-    # A class that already has its floor, or is not listed, keeps a bias of 0.
-    assert (share_floor_bias(scores, reference, classes=[0, 1], floor=0.5) == 0).all()
-    assert (share_floor_bias(scores, reference, classes=[], floor=0.5) == 0).all()
 
 
 def test_language_logits_add_the_bias_per_class():
@@ -226,3 +196,11 @@ def test_multiscale_embedding_averages_unit_maps_on_the_first_scales_grid():
         embed_multiscale(embed, images, 8, [1.0, 5.0])
     with pytest.raises(ValueError, match="at least one test scale"):
         embed_multiscale(embed, images, 8, [])
+
+
+def test_array_embedder_reads_runs_and_scattered_indices_alike() -> None:
+    stored = np.arange(5 * 2 * 3 * 4, dtype=np.float32).reshape(5, 2, 3, 4)  # [N,h,w,D]
+    embed = array_embedder(stored)
+    assert embed([1, 2, 3]).shape == (3, 4, 2, 3)
+    torch.testing.assert_close(embed([0, 2, 4]), torch.from_numpy(stored[[0, 2, 4]]).permute(0, 3, 1, 2))
+    torch.testing.assert_close(embed([3]), torch.from_numpy(stored[3:4]).permute(0, 3, 1, 2))

@@ -146,7 +146,7 @@ def test_a_pipeline_run_shows_library_logs_progress_and_tables(tmp_path, tiny, p
     metrics = by_key["clips4-metrics-demo"]
     assert metrics.type == "table"
     rows = pd.read_json(io.StringIO(metrics.data))
-    assert {"maskclip", "maskclip+kspd", "maskclip+gap", "clips4"} <= set(rows["method"])
+    assert {"maskclip", "maskclip+kspd", "maskclip+tta", "clips4", "clips4+tta"} <= set(rows["method"])
     assert "language mIoU" in rows.columns and rows["method"].is_unique
     assert "features-" in metrics.description and "train-" in metrics.description and "evaluate-" in metrics.description
 

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from clips4.config import STAGES, resolve_config
+from clips4.config import resolve_config
+from clips4.tasks.stages import STAGES
 from clips4.flows.pipeline import PipelineError, execute
 from clips4.storage import Store
 
@@ -36,11 +37,14 @@ def test_pipeline_end_to_end_reuse_and_invalidation(tmp_path, run) -> None:
     assert feats.dtype == "float16" and feats.shape[0] == 24 and feats.chunks[0] == 1
 
     metrics = store.open(first["evaluate"].key).read_table("metrics")
-    # The demo evaluates at test scale 2, so MaskCLIP on the same enlarged images is in the table too.
-    assert {"maskclip", "maskclip+kspd", "maskclip+gap", "clips4", "maskclip@2+3+4x"} <= set(metrics["method"])
+    # Plain rows and test-time rows (the demo's scales, re-centring, the share floor) for MaskCLIP and the student.
+    assert set(metrics["method"]) == {"maskclip", "maskclip+kspd", "maskclip+tta", "clips4", "clips4+tta"}
     assert {"language", "unsupervised", "probe"} <= set(metrics["task"])
     assert metrics["value"].notna().all()
     assert store.open(first["evaluate"].key).has("overlays.png")
+    summary = store.open(first["evaluate"].key).read_table("summary")
+    assert {"maskclip_best", "clips4_gain", "clips4+tta_gain"} <= set(summary.columns)
+    assert "Best MaskCLIP row" in store.open(first["evaluate"].key).file("metrics.md").read_text()
     # Held-out classes get the demo's share floor (evaluate.new_class_floor); known classes keep a bias of 0.
     calibration = store.open(first["evaluate"].key).read_table("calibration")
     held = calibration[calibration["held_out"]]
@@ -135,22 +139,23 @@ def test_baseline_only_evaluation(tmp_path, run, tiny) -> None:
 
     from clips4.data.io import read_image
     from clips4.data.prepare import resize_square
-    from clips4.tasks.evaluate import maskclip_embedder
+    from clips4.harness import maskclip_model
     from clips4.tasks.readers import DataArtifact, FeaturesArtifact, load_teacher
 
     results = run(stages=["data", "teacher", "features", "evaluate"])
     store = Store(tmp_path)
     metrics: pd.DataFrame = store.open(results["evaluate"].key).read_table("metrics")
-    assert set(metrics["method"]) == {"maskclip", "maskclip+kspd", "maskclip@2+3+4x"}
+    assert set(metrics["method"]) == {"maskclip", "maskclip+kspd", "maskclip+tta"}
     language = metrics[(metrics["task"] == "language") & (metrics["metric"] == "mIoU")].set_index("method")["value"]
-    assert language["maskclip@2+3+4x"] != language["maskclip"]  # really another input, not the stored map again
+    assert language["maskclip+tta"] != language["maskclip"]  # really another input, not the stored map again
 
     # At scale 1 the evaluate stage's MaskCLIP path gives back the features stage's stored map.
     resolution = resolve_config("demo", overrides=tiny).features.resolution
     records = DataArtifact.open(store, results["data"].key).records("val")[:2]
     images = np.stack([resize_square(read_image(r.image_path), resolution) for r in records])
     teacher = load_teacher(store.open(results["teacher"].key), torch.device("cpu"))
-    again = maskclip_embedder(teacher, torch.device("cpu"), 2, amp=False)(images).permute(0, 2, 3, 1).numpy()
+    again = maskclip_model(teacher, size=resolution, device=torch.device("cpu"), batch_size=2).encode(images)
+    again = again.permute(0, 2, 3, 1).numpy()
     stored = np.asarray(FeaturesArtifact.open(store, results["features"].key).features("val")[:2], dtype=np.float32)
     np.testing.assert_allclose(again, stored, atol=2e-3)
 
