@@ -14,12 +14,13 @@ from pathlib import Path
 
 import open_clip
 
-from clips4.config import STAGES, PipelineConfig
+from clips4.config import PipelineConfig
 from clips4.data.datasets import DatasetError, get_dataset
 from clips4.prototypes import load_faiss
 from clips4.teacher import SCHEMA_PREFIXES, check_teacher_source, register_model_configs
 from clips4.storage import Store, human_bytes
-from clips4.tasks.common import forced_stages, plan_keys
+from clips4.tasks.common import plan_keys
+from clips4.tasks.stages import STAGES, forced_stages
 from clips4.tasks.readers import DataArtifact
 
 FEATURE_BYTES = {"float16": 2, "float32": 4}
@@ -66,7 +67,7 @@ def _image_counts(cfg: PipelineConfig, store: Store, data_key: str) -> dict[str,
         return {str(k): int(v) for k, v in table.groupby("split").size().items()}
     d = cfg.data
     if d.dataset == "synthetic":
-        sizes = {"train": d.synthetic.num_train, "val": d.synthetic.num_val}
+        sizes = {"train": d.synthetic.num_train, "val": d.synthetic.num_val, "test": d.synthetic.num_test}
         return {s: min(sizes.get(s, 0), d.max_images or sizes.get(s, 0)) for s in d.splits}
     try:
         dataset = get_dataset(d)

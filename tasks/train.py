@@ -11,6 +11,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -22,10 +23,12 @@ from prefect import task
 from clips4.config import PipelineConfig
 from clips4.device import resolve_device
 from clips4.inference import CENTRE_BATCH, embedding_centre, student_embedder
+from clips4.prototypes import LabelRule
 from clips4.training import WEIGHTS_FILE, TrainData, train_student
 from clips4.visualize import plot_curves
 from clips4.storage import ArtifactFiles, Store
-from clips4.tasks.common import StageResult, forced_stages, plan_keys, run_stage, upstream_stages
+from clips4.tasks.common import StageResult, plan_keys, run_stage
+from clips4.tasks.stages import BY_NAME, forced_stages
 from clips4.tasks.observe import observed
 from clips4.tasks.readers import PROTOTYPES, STUDENT, STUDENT_INFO, DataArtifact, FeaturesArtifact
 from clips4.tasks.report import publish_losses
@@ -43,8 +46,9 @@ def in_memory_if_small(array: zarr.Array) -> np.ndarray | zarr.Array:
     return np.asarray(array[...]) if size <= PRELOAD_BYTES else array
 
 
-def train_inputs(store: Store, upstream: dict[str, str]) -> tuple[TrainData, dict, dict[str, torch.Tensor]]:
-    """What the student trains on, read from the upstream artifacts: the arrays, the teacher's info, the prototypes."""
+def train_inputs(store: Store, upstream: dict[str, str], rule: LabelRule) -> tuple[TrainData, dict, dict[str, torch.Tensor]]:
+    """What the student trains on, read from the upstream artifacts: the arrays, the teacher's info, the prototypes
+    (labelled by ``rule``, the cluster stage's)."""
     data = DataArtifact.open(store, upstream["data"])
     feats = FeaturesArtifact.open(store, upstream["features"])
     protos = store.open(upstream["cluster"]).load_tensors(PROTOTYPES)
@@ -55,13 +59,14 @@ def train_inputs(store: Store, upstream: dict[str, str]) -> tuple[TrainData, dic
         known_text=protos["known"],  # held-out classes were never in here (cluster stage)
         prototypes=protos["unknown"],
         gap=protos.get("gap"),  # artifacts clustered without the correction have none
+        label_rule=replace(rule, known_floor=float(protos["known_floor"][0])) if "known_floor" in protos else rule,
     )
     return train_data, feats.teacher_info(), protos
 
 
 def build_train(cfg: PipelineConfig, store: Store, upstream: dict[str, str], files: ArtifactFiles) -> dict:
     t = cfg.train
-    train_data, teacher, protos = train_inputs(store, upstream)
+    train_data, teacher, protos = train_inputs(store, upstream, LabelRule.from_config(cfg.cluster))
     workdir, device = files.file(CHECKPOINTS), resolve_device(t.device)
     result = train_student(train_data, t, (teacher["mean"], teacher["std"]), workdir, device)
     shutil.copyfile(workdir / WEIGHTS_FILE, files.file(STUDENT))  # final weights, architecture in the metadata
@@ -82,7 +87,8 @@ def build_train(cfg: PipelineConfig, store: Store, upstream: dict[str, str], fil
     plot_curves(result.losses, files.file("losses.png"))
     shutil.rmtree(workdir, ignore_errors=True)
     last = result.losses[result.losses["step"] == result.losses["step"].max()]
-    return {"steps": result.steps_done, "processes": result.processes,
+    share = {} if result.known_label_share is None else {"known_label_share": round(result.known_label_share, 4)}
+    return {"steps": result.steps_done, "processes": result.processes, **share,
             **{f"loss_{r.component}": round(float(r.value), 4) for r in last.itertuples()}}
 
 
@@ -122,7 +128,7 @@ def follow_train(
     keys = plan_keys(cfg, ["train"])
     if "train" not in stages or ("train" not in forced and store.exists(keys["train"])):
         return False  # rank 0 does not train in this run (or reuses the stored student)
-    upstream = {u: keys[u] for u in upstream_stages(cfg, "train")}
+    upstream = {u: keys[u] for u in BY_NAME["train"].reads(cfg)}
     started = datetime.now(timezone.utc).replace(microsecond=0)
 
     def ready(stage: str, key: str) -> bool:
@@ -138,7 +144,7 @@ def follow_train(
             announced = True
         time.sleep(poll_s)
     say(f"rank {rank} of {world}: training {cfg.train.student} beside rank 0 (train artifact {keys['train']})")
-    train_data, teacher, _ = train_inputs(store, upstream)
+    train_data, teacher, _ = train_inputs(store, upstream, LabelRule.from_config(cfg.cluster))
     workdir = store.staging_dir(keys["train"]) / CHECKPOINTS
     train_student(train_data, cfg.train, (teacher["mean"], teacher["std"]), workdir, resolve_device(cfg.train.device))
     return True

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from clips4.config import STAGES, ConfigError, PipelineConfig, list_presets, parse_override, resolve_config, to_yaml
+from clips4.config import ConfigError, PipelineConfig, list_presets, parse_override, resolve_config, to_yaml
+from clips4.tasks.stages import STAGES
 
 
 def test_defaults_and_preset_sections() -> None:
