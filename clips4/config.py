@@ -16,7 +16,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES: tuple[str, ...] = ("data", "teacher", "features", "cluster", "train", "evaluate")
 PRESET_DIR = Path(__file__).resolve().parent / "configs"  # presets ship inside the package
 MIN_TEST_SCALE, MAX_TEST_SCALE = 0.25, 4.0  # evaluate.test_scales and `clips4 segment --scale`
 
@@ -60,12 +59,16 @@ def _plain(value: Any) -> Any:
 
 # ----------------------------------------------------------------------------------------------------------- data
 class SyntheticConfig(Section):
-    """The synthetic world (METHOD.md §8): stuff textures as backgrounds, thing shapes on top, captions."""
+    """The synthetic world (docs/method.md §8): stuff textures as backgrounds, thing shapes on top, captions."""
 
     seed: int = Field(0, description="Seed that fully determines the world.")
     image_size: int = Field(64, ge=16, le=1024, description="Square image side in pixels.")
     num_train: int = Field(800, ge=1, description="Number of training images.")
-    num_val: int = Field(160, ge=1, description="Number of validation images.")
+    num_val: int = Field(160, ge=1, description="Number of validation images (every choice of design or value).")
+    num_test: int = Field(
+        160, ge=0, description="Number of test images (reported figures, never a choice); generated when "
+        "data.splits names 'test'."
+    )
     stuff: list[str] = Field(
         default_factory=lambda: ["grass", "sand", "water", "snow"],
         min_length=1,
@@ -96,7 +99,7 @@ class SyntheticConfig(Section):
 
 
 class RegionsConfig(Section):
-    """Superpixel over-segmentation used for the contrastive positives (METHOD.md §2)."""
+    """Superpixel over-segmentation used for the contrastive positives (docs/method.md §2)."""
 
     method: Literal["slic", "felzenszwalb"] = Field("slic", description="scikit-image superpixel algorithm.")
     n_segments: int = Field(64, ge=2, description="SLIC: approximate number of superpixels.")
@@ -116,7 +119,7 @@ class DataConfig(Section):
     root: Path | None = Field(None, description="Dataset root on disk (not used by the synthetic world).")
     splits: list[str] = Field(default_factory=lambda: ["train", "val"], min_length=1, description="Splits to index.")
     held_out: list[str] | None = Field(
-        None, description="Class names never used in training; null = the dataset's default (METHOD.md §7)."
+        None, description="Class names never used in training; null = the dataset's default (docs/method.md §7)."
     )
     max_images: int | None = Field(None, ge=1, description="Cap per split (for quick runs); null = all.")
     sbd_aug: bool = Field(False, description="VOC: add the SBD augmented training list when present.")
@@ -126,6 +129,12 @@ class DataConfig(Section):
     )
     on_bad_input: Literal["error", "skip"] = Field(
         "error", description="error: stop and name the bad file; skip: record it in the report and go on."
+    )
+    max_pixels: int | None = Field(
+        50_000_000,
+        ge=1,
+        description="Images and label maps with more pixels are bad input (see on_bad_input), refused from the file "
+        "header before decoding: a small file can decode to gigabytes. null = no limit.",
     )
     regions: RegionsConfig = Field(default_factory=RegionsConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
@@ -167,7 +176,7 @@ class TeacherConfig(Section):
 
 # ------------------------------------------------------------------------------------------------------- features
 class FeaturesConfig(Section):
-    """MaskCLIP dense features of the un-augmented images (METHOD.md §5)."""
+    """MaskCLIP dense features of the un-augmented images (docs/method.md §5)."""
 
     resolution: int = Field(224, ge=16, description="Images are resized to this square side before the teacher.")
     dtype: Literal["float16", "float32"] = Field("float16", description="Stored dtype of the dense features.")
@@ -182,7 +191,7 @@ class FeaturesConfig(Section):
 
 # -------------------------------------------------------------------------------------------------------- cluster
 class ClusterConfig(Section):
-    """Unknown prototypes: spherical k-means with the known text embeddings as fixed centres (METHOD.md §4)."""
+    """Unknown prototypes: spherical k-means with the known text embeddings as fixed centres (docs/method.md §4)."""
 
     num_unknown: int = Field(16, ge=0, description="M: number of free centres (unknown prototypes).")
     sample_size: int = Field(100_000, ge=1, description="Dense feature vectors sampled from the train split.")
@@ -195,13 +204,38 @@ class ClusterConfig(Section):
         description="Cluster (and label segments) with CLIP image features moved by mean(known text) - mean(image), "
         "so text centres and prototypes compete on one scale.",
     )
+    labels: Literal["nearest", "known_first"] = Field(
+        "known_first",
+        description="L_sem's segment labels: 'nearest' = the nearest of known texts and prototypes; 'known_first' = "
+        "the known class when CLIP's softmax over the known texts is confident (known_confidence), else the nearest "
+        "prototype.",
+    )
+    known_scale: float = Field(
+        100.0, gt=0, description="Logit scale of that softmax: softmax(known_scale x cosine) (CLIP's and MaskCLIP's 100)."
+    )
+    known_confidence: float = Field(
+        0.5, gt=0, le=1, description="known_first: the peak known-class probability at which a segment takes that class."
+    )
+    known_quantile: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="known_first: this share of the sampled features, those with the lowest cosine to their nearest "
+        "known text, is left to the prototypes however sure the softmax is; the cosine there is the floor a segment "
+        "must reach to take a known class (0 = no floor).",
+    )
+    fit_on: Literal["all", "unexplained"] = Field(
+        "unexplained",
+        description="Features the prototypes are fitted (and refreshed) on: 'all' sampled ones, or 'unexplained' = "
+        "those the known_first rule gives no known class, so prototypes describe what no known class names.",
+    )
     seed: int = Field(0, description="Sampling and initialisation seed.")
     device: str = volatile("auto", "'auto' uses faiss-gpu when installed and a GPU is present.")
 
 
 # ---------------------------------------------------------------------------------------------------------- train
 class TrainConfig(Section):
-    """The student and CLIP-S4's three losses (METHOD.md §1-4)."""
+    """The student and CLIP-S4's three losses (docs/method.md §1-4)."""
 
     student: Literal["small_cnn", "resnet50", "resnet101"] = Field("small_cnn", description="Pixel encoder.")
     backbone_weights: Path | None = Field(None, description="Local torchvision weights file for ResNet backbones.")
@@ -222,7 +256,7 @@ class TrainConfig(Section):
     contrast_targets: Literal["regions", "teacher"] = Field(
         "regions",
         description="L_contrast's targets over a pixel's segments: 'regions' = the segments of its region in either "
-        "view are the positives, every other segment a negative (METHOD.md §2); 'teacher' = the teacher's own "
+        "view are the positives, every other segment a negative (docs/method.md §2); 'teacher' = the teacher's own "
         "softmax over the same segments (its pixel feature against their pooled CLIP features, concentration "
         "kappa_teacher), so only segments the teacher tells apart are pushed apart.",
     )
@@ -235,12 +269,12 @@ class TrainConfig(Section):
     lambda_sem: float = Field(1.0, ge=0, description="Weight of L_sem (0 turns it off).")
     emb_space: Literal["image", "text"] = Field(
         "image",
-        description="L_emb targets: 'image' = CLIP's image features as they are (METHOD.md §3); 'text' = moved "
+        description="L_emb targets: 'image' = CLIP's image features as they are (docs/method.md §3); 'text' = moved "
         "across the modality gap the cluster stage measured, so student pixels land where the class texts are.",
     )
     emb_pooling: Literal["segments", "patches", "both"] = Field(
         "segments",
-        description="L_emb pairs: 'segments' = student and CLIP map pooled over the student's segments (METHOD.md §3); "
+        description="L_emb pairs: 'segments' = student and CLIP map pooled over the student's segments (docs/method.md §3); "
         "'patches' = the student pooled over each CLIP patch's footprint in the view against that patch; 'both' = "
         "the mean of the two.",
     )
@@ -279,7 +313,7 @@ class TrainConfig(Section):
 
 # ------------------------------------------------------------------------------------------------------- evaluate
 class EvaluateConfig(Section):
-    """Batch evaluation of MaskCLIP and CLIP-S4 in one harness (METHOD.md §6)."""
+    """Batch evaluation of MaskCLIP and CLIP-S4 in one harness (docs/method.md §6)."""
 
     split: str = Field("val", description="Split to evaluate.")
     tasks: list[Literal["language", "unsupervised", "probe"]] = Field(
@@ -294,30 +328,37 @@ class EvaluateConfig(Section):
     test_scales: list[Annotated[float, Field(ge=MIN_TEST_SCALE, le=MAX_TEST_SCALE)]] = Field(
         default_factory=lambda: [1.0],
         min_length=1,
-        description="Input scales at test time: each image is resized to round(scale x size) for every scale, and "
-        "the unit embeddings, resized to the first scale's grid, are averaged. Above 1 small things get more pixels. "
-        "When not [1] the table adds `maskclip@<scales>x`, MaskCLIP on the same scales averaged the same way, so "
-        "the comparison at equal input stays in view.",
+        description="Input scales of the table's test-time rows (`maskclip+tta`, `clips4+tta`): each image is resized "
+        "to round(scale x size) for every scale, and the unit embeddings, resized to the first scale's grid, are "
+        "averaged. Above 1 small things get more pixels. The plain rows `maskclip` and `clips4` stay at scale 1.",
     )
     recentre_gap: bool = Field(
         True,
-        description="Language task: before the student's embeddings meet the class texts, move them by the mean text "
-        "embedding of the classes named now minus the student's own embedding centre (the mean of its embeddings "
-        "over up to 1024 training images, stored by the train stage): the modality gap measured on the student and "
-        "re-centred on the test-time class set. Only for students trained with train.emb_space 'text'. False "
-        "scores them as trained.",
+        description="Language task, test-time rows: before the embeddings meet the class texts, move them by the mean "
+        "text embedding of the classes named now minus the model's own embedding centre: the modality gap measured "
+        "on the model and re-centred on the test-time class set. `maskclip+tta` uses the mean of MaskCLIP's stored "
+        "train features; `clips4+tta` the mean of the student's embeddings over up to 1024 training images, stored "
+        "by the train stage (students trained with train.emb_space 'text' only).",
     )
     new_class_floor: float = Field(
         0.0,
         ge=0,
         le=1,
-        description="Language task, classes named only at test time (held out): each gets at least this fraction "
-        "of MaskCLIP's share of the train split's pixels in the student's argmax, through one score bias per class "
-        "measured on those images without their labels. The student keeps the teacher's majority for "
-        "alike-looking pixels, so a class the teacher finds on a minority of them can vanish. 0 turns it off.",
+        description="Language task, test-time rows, classes named only at test time (held out): each gets at least "
+        "this fraction of plain MaskCLIP's share of the train split's pixels in the row's argmax, through one score "
+        "bias per class measured on those images without their labels. The student keeps the teacher's majority "
+        "for alike-looking pixels, so a class the teacher finds on a minority of them can vanish. 0 turns it off.",
     )
     calibration_pixels: int = Field(
-        100_000, ge=1000, le=1_000_000, description="Student pixels sampled from the train split for new_class_floor."
+        100_000, ge=1000, le=1_000_000, description="Pixels sampled from the train split for new_class_floor."
+    )
+    grid: int = Field(
+        64,
+        ge=1,
+        description="Side of the one grid every method's map is resized to (bilinear) before the unsupervised and "
+        "probe tasks, so MaskCLIP's coarse map and the student's finer one are compared at the same output "
+        "resolution (64: the demo's label size and the student's map at test scale 2). The probe holds the train "
+        "split at this size in memory.",
     )
     batch_size: int = volatile(16, "Images per forward pass.")
     device: str = volatile("auto", "'auto', 'cpu' or 'cuda[:i]'.")
@@ -336,8 +377,9 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     def stage(self, name: str) -> Section:
-        if name not in STAGES:
-            raise ConfigError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+        sections = [f for f in type(self).model_fields if f != "name"]
+        if name not in sections:
+            raise ConfigError(f"unknown stage {name!r}; stages are {', '.join(sections)}")
         return getattr(self, name)
 
 

@@ -1,4 +1,4 @@
-"""CLIP-S4's three losses on flattened valid pixels (METHOD.md §2-4). Each returns a scalar tensor."""
+"""CLIP-S4's three losses on flattened valid pixels (docs/method.md §2-4). Each returns a scalar tensor."""
 
 from __future__ import annotations
 
@@ -107,10 +107,41 @@ def embedding_consistency(seg_emb: torch.Tensor, clip_seg: torch.Tensor) -> torc
     return (1 - (seg_emb * clip_seg.detach()).sum(1)).mean()
 
 
+def known_confidence(clip_seg: torch.Tensor, known_text: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(peak probability [S], class [S]) of CLIP's zero-shot softmax over the known texts, softmax(scale <u_s, t_k>):
+    how surely CLIP names each segment as one of the known classes."""
+    prob = torch.softmax(scale * clip_seg.float() @ known_text.float().T, dim=1)
+    return prob.max(dim=1)
+
+
+def semantic_labels(clip_seg: torch.Tensor, targets: torch.Tensor, num_known: int, rule: str = "nearest",
+                    scale: float = 100.0, confidence: float = 0.5, floor: float = -1.0) -> torch.Tensor:
+    """Each segment's label, an index into ``targets`` (the ``num_known`` known texts first, then the prototypes).
+
+    ``nearest``: the nearest target, argmax_k <u_s, T_k>. Prototypes are means of CLIP image features, texts are not,
+    so across the modality gap a prototype is nearly always nearer. ``known_first`` asks CLIP's own zero-shot
+    question first: a segment whose softmax over the known texts (at CLIP's logit ``scale``) peaks at
+    ``confidence`` or more, and whose cosine to that text is at least ``floor``, gets that class; any other segment
+    the nearest prototype (docs/method.md §4). The softmax alone is sure of things no known class names (it must
+    pick one of them); the floor leaves those, which lie far from every known text, to the prototypes.
+    """
+    with torch.no_grad():
+        sim = clip_seg.float() @ targets.float().T
+        if rule == "nearest" or num_known in (0, len(targets)):
+            return sim.argmax(1)
+        if rule != "known_first":
+            raise ValueError(f"unknown labelling rule {rule!r}; use 'nearest' or 'known_first'")
+        peak, known = known_confidence(clip_seg, targets[:num_known], scale)
+        sure = (peak >= confidence) & (sim.gather(1, known[:, None])[:, 0] >= floor)
+        return torch.where(sure, known, num_known + sim[:, num_known:].argmax(1))
+
+
 def semantic_consistency(seg_emb: torch.Tensor, clip_seg: torch.Tensor, targets: torch.Tensor,
-                         tau: float) -> torch.Tensor:
-    """CE(softmax(<v_s, T> / tau), argmax_k <u_s, T_k>): the student's segment label distribution over the target
-    set (known-class texts + unknown prototypes, fixed here) must pick the teacher's label."""
+                         tau: float, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """CE(softmax(<v_s, T> / tau), y_s): the student's segment label distribution over the target set (known-class
+    texts + unknown prototypes, fixed here) must pick the teacher's label ``labels`` (:func:`semantic_labels`; by
+    default the nearest target to the CLIP segment embedding ``clip_seg``)."""
     targets = targets.detach()
-    labels = (clip_seg.detach() @ targets.T).argmax(1)
+    if labels is None:
+        labels = semantic_labels(clip_seg.detach(), targets, 0)
     return F.cross_entropy(seg_emb @ targets.T / tau, labels)

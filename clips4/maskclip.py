@@ -1,4 +1,4 @@
-"""MaskCLIP dense features and prompt-ensembled text embeddings of an open_clip teacher (METHOD.md §5).
+"""MaskCLIP dense features and prompt-ensembled text embeddings of an open_clip teacher (docs/method.md §5).
 
 CLIP's image tower is trained to align one pooled vector with text. MaskCLIP observed that the *value* path of the
 last attention block, applied to every patch (ViT) or every layer-4 location (ResNet), lands each location in the

@@ -1,4 +1,4 @@
-"""Segmentation metrics from one confusion matrix accumulated over every pixel of a split (METHOD.md §6).
+"""Segmentation metrics from one confusion matrix accumulated over every pixel of a split (docs/method.md §6).
 
 Accumulating counts (not per-image scores) is the standard protocol of the baselines' repos: mIoU is the mean over
 classes of TP / (TP + FP + FN) summed over the whole split.

@@ -1,4 +1,4 @@
-"""Unknown prototypes (METHOD.md §4): spherical k-means in which the K known-class text embeddings are fixed centres.
+"""Unknown prototypes (docs/method.md §4): spherical k-means in which the K known-class text embeddings are fixed centres.
 
 The known classes are already named by their text embeddings, so those centres never move; the M free centres learn
 what the CLIP features hold that no known class explains. CLIP's image and text embeddings sit in two separate cones
@@ -9,16 +9,23 @@ and fixed centres on one scale. Assignment is a FAISS flat inner-product search 
 when faiss has GPU support), the update is the re-normalised mean, and after the first iterations only the points
 whose similarity bounds no longer prove their centre are searched again (:class:`AssignmentBounds`), so 100k x 512
 samples cluster in well under a second.
+
+Which target labels a segment for L_sem is :class:`LabelRule`'s: texts and prototypes are not alike (a prototype is
+a mean of image features, a text is not), so by default a segment takes a known class when CLIP's own zero-shot
+softmax over the known texts is confident, and the nearest prototype otherwise; the prototypes are fitted only on
+the features that rule leaves to them (docs/method.md §4).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+
+from clips4.losses import known_confidence, semantic_labels
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +313,51 @@ def close_gap(x: np.ndarray, gap: np.ndarray) -> np.ndarray:
     return unit_rows(unit_rows(x, "image features") + gap, "gap-corrected image features")
 
 
+@dataclass(frozen=True)
+class LabelRule:
+    """How L_sem labels a CLIP segment embedding over known texts + prototypes, and which features the prototypes
+    are fitted on (``cluster.labels``, ``known_scale``, ``known_confidence``, ``fit_on``; docs/method.md §4).
+    The default is docs/method.md §4 as written: the nearest target, prototypes fitted on every feature."""
+
+    labels: str = "nearest"
+    known_scale: float = 100.0
+    known_confidence: float = 0.5
+    fit_on: str = "all"
+    known_floor: float = -1.0  # cosine to the named class's text below which a segment is left to the prototypes
+
+    @classmethod
+    def from_config(cls, cluster, known_floor: float = -1.0) -> LabelRule:
+        """The rule of a :class:`~clips4.config.ClusterConfig`, with the floor the cluster stage measured."""
+        return cls(cluster.labels, cluster.known_scale, cluster.known_confidence, cluster.fit_on, known_floor)
+
+    def with_floor(self, x: np.ndarray, known_text: np.ndarray, quantile: float) -> LabelRule:
+        """This rule with ``known_floor`` at the ``quantile`` of the cosines of ``x`` to their nearest known text:
+        that share of the features, those least like any known class, is left to the prototypes."""
+        if self.labels != "known_first" or quantile <= 0 or len(known_text) == 0 or len(x) == 0:
+            return self
+        nearest = (torch.from_numpy(np.ascontiguousarray(x, np.float32))
+                   @ torch.from_numpy(np.ascontiguousarray(known_text, np.float32)).T).max(1).values
+        return replace(self, known_floor=float(torch.quantile(nearest, quantile)))
+
+    def label(self, clip_seg: torch.Tensor, targets: torch.Tensor, num_known: int) -> torch.Tensor:
+        """Index into ``targets`` (known texts first) per row of ``clip_seg``: :func:`clips4.losses.semantic_labels`."""
+        return semantic_labels(clip_seg, targets, num_known, self.labels, self.known_scale, self.known_confidence,
+                               self.known_floor)
+
+    def fit_rows(self, x: np.ndarray, known_text: np.ndarray) -> np.ndarray:
+        """Rows of ``x`` the prototypes are fitted on: all, or those the rule gives no known class."""
+        if self.fit_on == "all" or len(known_text) == 0:
+            return np.arange(len(x))
+        x, known = (torch.from_numpy(np.ascontiguousarray(a, np.float32)) for a in (x, known_text))
+        return np.flatnonzero(~self.known(x, known).numpy())
+
+    def known(self, x: torch.Tensor, known_text: torch.Tensor) -> torch.Tensor:
+        """Bool per row of ``x``: the known_first rule names it a known class (whatever ``labels`` says)."""
+        peak, cls = known_confidence(x, known_text, self.known_scale)
+        return (peak >= self.known_confidence) & ((x.float() @ known_text.float().T).gather(1, cls[:, None])[:, 0]
+                                                  >= self.known_floor)
+
+
 def unknown_prototypes(
     features_sample: np.ndarray,
     known_text: np.ndarray,
@@ -314,9 +366,24 @@ def unknown_prototypes(
     seed: int = 0,
     max_points_per_centroid: int = 100_000,
     use_gpu: bool | None = None,
+    rule: LabelRule = LabelRule(),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(prototypes [M, D], points per known class [K], points per prototype [M]) from sampled CLIP features."""
-    result = spherical_kmeans(features_sample, num_unknown, iterations, seed, max_points_per_centroid,
+    """(prototypes [M, D], points per known class [K], points per prototype [M]) from sampled CLIP features.
+
+    The known texts are fixed centres; the free ones are fitted on the rows ``rule`` leaves to prototypes (all of
+    them when fewer than M are left). The counts are of the whole sample labelled by ``rule``.
+    """
+    features_sample = unit_rows(features_sample, "features sample")
+    rows = rule.fit_rows(features_sample, known_text)
+    if len(rows) < num_unknown:
+        logger.warning("only %d of %d sampled features are left to the prototypes by the labelling rule, fewer than "
+                       "the %d prototypes; fitting them on every feature", len(rows), len(features_sample), num_unknown)
+        rows = np.arange(len(features_sample))
+    fit = features_sample if len(rows) == len(features_sample) else features_sample[rows]
+    result = spherical_kmeans(fit, num_unknown, iterations, seed, max_points_per_centroid,
                               fixed=known_text, use_gpu=use_gpu)
     num_known = len(known_text)
-    return result.centroids[num_known:], result.sizes[:num_known], result.sizes[num_known:]
+    protos = result.centroids[num_known:]
+    labels = rule.label(torch.from_numpy(features_sample), torch.from_numpy(result.centroids), num_known)
+    sizes = np.bincount(labels.numpy(), minlength=len(result.centroids)).astype(np.int64)
+    return protos, sizes[:num_known], sizes[num_known:]

@@ -1,4 +1,4 @@
-"""Per-view segments for the contrastive loss (METHOD.md §2, after HSG).
+"""Per-view segments for the contrastive loss (docs/method.md §2, after HSG).
 
 Spherical k-means on [embedding ; position] groups pixels into spatially coherent clusters; intersecting the
 clusters with the source image's regions (superpixels) guarantees no segment crosses a region boundary, so a

@@ -1,4 +1,4 @@
-"""The student: a fully convolutional pixel encoder with unit-length d-dim output (METHOD.md §1).
+"""The student: a fully convolutional pixel encoder with unit-length d-dim output (docs/method.md §1).
 
 d equals the teacher's joint embedding dim, so student pixels compare directly with CLIP text and pixel embeddings.
 Two backbones: a small CNN for the synthetic world (cheap enough for CPU training) and torchvision ResNet-50/101

@@ -1,4 +1,4 @@
-"""CLIP-S4 training loop (METHOD.md §2-4): two views per image, segments, and the three losses against a frozen
+"""CLIP-S4 training loop (docs/method.md §2-4): two views per image, segments, and the three losses against a frozen
 teacher whose dense maps were precomputed on the un-augmented images.
 
 The loop only sees arrays and a work folder; the task layer reads and writes artifacts. Every random draw of a step
@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,7 +38,7 @@ from clips4.losses import (
     semantic_consistency,
 )
 from clips4.progress import track
-from clips4.prototypes import spherical_kmeans
+from clips4.prototypes import LabelRule, spherical_kmeans
 from clips4.segments import segment_views
 from clips4.student import PixelEncoder, build_student
 from clips4.views import ViewBatch, cell_footprints, color_jitter, sample_views, warp
@@ -51,7 +51,7 @@ LOSSES_FILE = "losses.csv"
 COMPONENTS = ("contrast", "emb", "sem")  # loss log names of L_contrast, L_emb, L_sem
 POLY_POWER = 0.9
 SGD_MOMENTUM = 0.9
-BUFFER_SIZE = 20_000  # recent (gap-corrected) CLIP segment embeddings kept for the prototype refresh
+BUFFER_SIZE = 20_000  # recent (gap-corrected) CLIP segment embeddings the prototypes are refreshed on
 REFRESH_ITERATIONS = 10  # k-means iterations per refresh; it starts from the current prototypes
 NORM_EPS = 1e-6  # smallest footprint-mean length divided by (a footprint whose pixels cancel out)
 FOOTPRINT_SAMPLES = 6  # bilinear samples per side when averaging the student over a CLIP patch's footprint
@@ -72,7 +72,8 @@ class TrainData:
     of the same un-augmented frame), ``regions`` int [N,H,W] superpixel ids; ``known_text`` [K,D] text embeddings of
     the known classes only (held-out classes must never be here); ``prototypes`` [M,D] initial unknown prototypes;
     ``gap`` [D] the modality-gap offset the prototypes were clustered with (CLIP segment embeddings are moved by it
-    before they are labelled over known texts + prototypes; None = no correction)."""
+    before they are labelled over known texts + prototypes; None = no correction); ``label_rule`` how L_sem labels
+    a segment and which segments refresh the prototypes (the cluster stage's rule; default: the nearest target)."""
 
     images: ArrayLike
     clip_maps: ArrayLike
@@ -80,6 +81,7 @@ class TrainData:
     known_text: np.ndarray
     prototypes: np.ndarray
     gap: np.ndarray | None = None
+    label_rule: LabelRule = field(default_factory=LabelRule)
 
     def __post_init__(self) -> None:
         if len(self.images.shape) != 4 or self.images.shape[3] != 3:
@@ -113,7 +115,9 @@ class TrainData:
 class TrainResult:
     """The trained student (unwrapped, eval mode), the final prototypes [M,D], the loss log (step, component,
     value; components unweighted, "total" the weighted sum, one row each per step), the number of optimiser steps
-    done, the step the run resumed from (0 for a fresh start), and how many DDP processes trained it."""
+    done, the step the run resumed from (0 for a fresh start), how many DDP processes trained it, and the share of
+    L_sem's segment labels that were known classes rather than prototypes (this process, steps since the start or
+    resume; None without L_sem)."""
 
     model: PixelEncoder
     prototypes: np.ndarray
@@ -121,6 +125,7 @@ class TrainResult:
     steps_done: int
     resumed_from: int
     processes: int = 1
+    known_label_share: float | None = None
 
 
 @dataclass
@@ -244,10 +249,13 @@ def step_losses(
     mean_std: tuple[torch.Tensor, torch.Tensor],
     generator: torch.Generator,
     device: torch.device,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """The switched-on loss components of one batch (two views per image) and the CLIP segment embeddings u moved
-    across the modality gap (the space the targets live in, and the one the prototypes are refreshed in); None when
-    no switched-on loss needs segments (L_emb over patches alone)."""
+    rule: LabelRule = LabelRule(),
+    num_known: int = 0,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    """The switched-on loss components of one batch (two views per image), the CLIP segment embeddings u moved
+    across the modality gap (the space the targets live in, and the one the prototypes are refreshed in; None when
+    no switched-on loss needs segments: L_emb over patches alone) and L_sem's segment labels, indices into
+    ``targets`` whose first ``num_known`` rows are the known texts, by ``rule`` (None without L_sem)."""
     weights = loss_weights(cfg)
     images = to_unit_images(batch.images, device)
     clip = torch.from_numpy(batch.clip_maps).to(device).permute(0, 3, 1, 2).float()
@@ -265,7 +273,7 @@ def step_losses(
     if "emb" in weights and cfg.emb_pooling in ("patches", "both"):
         losses["emb"] = patch_consistency(z, clip, views, (height, width), emb_gap, cfg.patch_norm_power)
     if not ({"contrast", "sem"} & weights.keys() or ("emb" in weights and cfg.emb_pooling != "patches")):
-        return losses, None
+        return losses, None, None
 
     # Region ids unique per image and shared by its two views: the same region in both views is one positive group.
     regions = torch.from_numpy(batch.regions.astype(np.int64)).to(device)
@@ -296,9 +304,11 @@ def step_losses(
     if "emb" in weights and cfg.emb_pooling != "patches":
         per_segment = embedding_consistency(v, u if emb_gap is None else u_text_side)
         losses["emb"] = (losses["emb"] + per_segment) / 2 if "emb" in losses else per_segment
+    labels = None
     if "sem" in weights:
-        losses["sem"] = semantic_consistency(v, u_text_side, targets, cfg.tau)
-    return {name: losses[name] for name in weights}, u_text_side
+        labels = rule.label(u_text_side, targets, num_known)
+        losses["sem"] = semantic_consistency(v, u_text_side, targets, cfg.tau, labels=labels)
+    return {name: losses[name] for name in weights}, u_text_side, labels
 
 
 def move_across_gap(x: torch.Tensor, gap: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -344,10 +354,13 @@ def train_step(
     generator: torch.Generator,
     device: torch.device,
     group: Distributed,
-) -> tuple[dict[str, float], torch.Tensor | None]:
+    rule: LabelRule = LabelRule(),
+    num_known: int = 0,
+) -> tuple[dict[str, float], torch.Tensor | None, torch.Tensor | None]:
     """One optimiser step; returns the loss values to log (components unweighted, total weighted; averaged over
-    DDP ranks) and the gap-corrected CLIP segment embeddings of the batch (None when no loss needed segments)."""
-    losses, u = step_losses(net, batch, cfg, targets, gap, mean_std, generator, device)
+    DDP ranks), the gap-corrected CLIP segment embeddings of the batch (None when no loss needed segments) and
+    L_sem's segment labels (None without L_sem)."""
+    losses, u, labels = step_losses(net, batch, cfg, targets, gap, mean_std, generator, device, rule, num_known)
     weights = loss_weights(cfg)
     total = sum(weights[name] * value for name, value in losses.items())
     if not torch.isfinite(total):
@@ -361,7 +374,7 @@ def train_step(
     if group.enabled:
         dist.all_reduce(values)
         values /= group.world
-    return dict(zip([*losses, "total"], values.tolist())), u
+    return dict(zip([*losses, "total"], values.tolist())), u, labels
 
 
 def setup_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
@@ -486,6 +499,8 @@ def _train(
     mean_std = (torch.tensor(teacher_mean_std[0], device=device), torch.tensor(teacher_mean_std[1], device=device))
     refresh = cfg.refresh_every > 0 and len(prototypes) > 0 and "sem" in loss_weights(cfg)  # only L_sem uses them
 
+    label_counts = torch.zeros(2, dtype=torch.long)  # L_sem labels that were known classes, all L_sem labels
+
     def indices(step: int) -> np.ndarray:
         return batch_indices(step, cfg.batch_size, data.num_images, cfg.seed)[group.rank :: group.world]
 
@@ -499,19 +514,24 @@ def _train(
                 pending = reader.submit(read_batch, data, indices(step + 1))
             generator = torch.Generator().manual_seed(derive_seed(cfg.seed, _VIEW_STREAM, step, group.rank))
             targets = torch.cat([known_text, prototypes])
-            values, u = train_step(
-                net, optimizer, scheduler, batch, cfg, targets, gap, mean_std, generator, device, group
+            values, u, labels = train_step(
+                net, optimizer, scheduler, batch, cfg, targets, gap, mean_std, generator, device, group,
+                data.label_rule, len(known_text),
             )
             rows.extend({"step": step, "component": name, "value": value} for name, value in values.items())
-            if refresh and is_main:
-                buffer.add(u)
+            if labels is not None:
+                label_counts += torch.tensor([int((labels < len(known_text)).sum()), len(labels)])
+            if refresh and is_main:  # the segments the rule leaves to the prototypes
+                buffer.add(u[torch.from_numpy(data.label_rule.fit_rows(u.detach().cpu().numpy(),
+                                                                       data.known_text)).to(u.device)])
             done = step + 1
             if refresh and done % cfg.refresh_every == 0:
                 prototypes = refresh_prototypes(buffer, known_text, prototypes, cfg.seed + done, group, say)
             if is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
                 save_checkpoint(workdir, model, optimizer, scheduler, buffer, prototypes, rows, cfg, done)
                 shown = ", ".join(f"{name} {value:.4f}" for name, value in values.items())
-                say(f"step {done}: loss {shown}; checkpoint written to {workdir}")
+                share = f"; {label_share(label_counts):.1%} of L_sem labels known classes" if label_counts[1] else ""
+                say(f"step {done}: loss {shown}{share}; checkpoint written to {workdir}")
 
     return TrainResult(
         model=model.eval(),
@@ -520,7 +540,13 @@ def _train(
         steps_done=max(start, cfg.steps),
         resumed_from=start,
         processes=group.world,
+        known_label_share=label_share(label_counts) if label_counts[1] else None,
     )
+
+
+def label_share(counts: torch.Tensor) -> float:
+    """Known-class labels / all labels, from [known, all] counts."""
+    return float(counts[0]) / max(int(counts[1]), 1)
 
 
 def refresh_prototypes(
@@ -532,7 +558,7 @@ def refresh_prototypes(
     say: Callable[[str], None],
 ) -> torch.Tensor:
     """Re-cluster the recent CLIP segment embeddings with the known texts fixed, starting from the current
-    prototypes (METHOD.md §4); rank 0 computes, every rank receives the result."""
+    prototypes (docs/method.md §4); rank 0 computes, every rank receives the result."""
     if group.rank == 0 and buffer.size >= len(known_text) + len(prototypes):
         result = spherical_kmeans(buffer.rows(), len(prototypes), REFRESH_ITERATIONS, seed, BUFFER_SIZE,
                                   fixed=known_text.cpu().numpy(), init=prototypes.cpu().numpy())

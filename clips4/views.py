@@ -1,4 +1,4 @@
-"""Augmented views with exact geometric bookkeeping (METHOD.md §2-3).
+"""Augmented views with exact geometric bookkeeping (docs/method.md §2-3).
 
 A view is a square box in the source image's continuous pixel frame (pixel i covers [i, i+1), centre i+0.5),
 resampled to `out_size` and optionally flipped left-right. The same :func:`warp` applies it to the image, to the CLIP

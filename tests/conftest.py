@@ -14,6 +14,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 TINY = [
     "data.synthetic.num_train=24",
     "data.synthetic.num_val=8",
+    "data.synthetic.num_test=8",
     "data.synthetic.image_size=32",
     "data.train_resolution=32",
     "data.regions.n_segments=16",

@@ -11,11 +11,12 @@ from clips4.losses import (
     relational_contrastive,
     segment_means,
     semantic_consistency,
+    semantic_labels,
 )
 
 
 def literal_contrastive(z, seg, seg_emb, group, kappa):
-    """METHOD.md §2 written out pixel by pixel."""
+    """docs/method.md §2 written out pixel by pixel."""
     losses = []
     for p in range(z.shape[0]):
         own = int(seg[p])
@@ -138,3 +139,40 @@ def test_semantic_consistency_is_cross_entropy_to_the_teacher_label():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     loss.backward()
     assert v.grad is not None and v.grad.abs().sum() > 0
+
+
+# Known texts along e0 and e1; prototypes are means of image features, so they sit right on the segments.
+KNOWN_TEXTS = torch.eye(4)[:2]
+PROTOTYPES = F.normalize(torch.tensor([[0.6, 0.0, 0.8, 0.0], [0.5, 0.5, 0.0, 0.7]]), dim=1)
+SEGMENTS = F.normalize(torch.tensor([
+    [0.6, 0.0, 0.8, 0.0],  # CLIP names it class 0 surely (cos 0.6 vs 0), yet prototype 0 is nearer than any text
+    [0.5, 0.5, 0.0, 0.7],  # CLIP cannot tell class 0 from class 1: it is left to the prototypes
+    [0.0, 0.9, 0.1, 0.4],  # surely class 1
+]), dim=1)
+
+
+def test_known_first_gives_confident_segments_their_class_and_the_rest_the_nearest_prototype():
+    targets = torch.cat([KNOWN_TEXTS, PROTOTYPES])
+    labels = semantic_labels(SEGMENTS, targets, 2, "known_first", scale=100.0, confidence=0.9)
+    assert labels.tolist() == [0, 3, 1]
+    # the plain nearest target hands the first segment to a prototype: this rule must not revert to it
+    assert semantic_labels(SEGMENTS, targets, 2, "nearest").tolist() == [2, 3, 1]
+    assert (SEGMENTS @ targets.T).argmax(1).tolist() == [2, 3, 1]
+    # a soft logit scale makes CLIP unsure of the first segment too
+    assert semantic_labels(SEGMENTS, targets, 2, "known_first", scale=1.0, confidence=0.9).tolist() == [2, 3, 3]
+    # a cosine floor leaves a segment CLIP is sure of but that lies far from the text (cos 0.6) to the prototypes
+    assert semantic_labels(SEGMENTS, targets, 2, "known_first", confidence=0.9, floor=0.7).tolist() == [2, 3, 1]
+    # no prototypes: every segment takes its nearest known class
+    assert semantic_labels(SEGMENTS, KNOWN_TEXTS, 2, "known_first").tolist() == [0, 0, 1]
+    with pytest.raises(ValueError, match="unknown labelling rule"):
+        semantic_labels(SEGMENTS, targets, 2, "closest")
+
+
+def test_semantic_consistency_learns_the_given_labels():
+    targets = torch.cat([KNOWN_TEXTS, PROTOTYPES])
+    v = F.normalize(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    labels = semantic_labels(SEGMENTS, targets, 2, "known_first", confidence=0.9)
+    loss = semantic_consistency(v, SEGMENTS, targets, 0.07, labels=labels)
+    assert loss.item() == pytest.approx(F.cross_entropy(v @ targets.T / 0.07, labels).item(), rel=1e-6)
+    assert semantic_consistency(v, SEGMENTS, targets, 0.07).item() == pytest.approx(
+        F.cross_entropy(v @ targets.T / 0.07, torch.tensor([2, 3, 1])).item(), rel=1e-6)

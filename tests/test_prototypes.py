@@ -4,7 +4,14 @@ import faiss
 import numpy as np
 import pytest
 
-from clips4.prototypes import close_gap, modality_gap, spherical_kmeans, unit_rows, unknown_prototypes
+from clips4.prototypes import (
+    LabelRule,
+    close_gap,
+    modality_gap,
+    spherical_kmeans,
+    unit_rows,
+    unknown_prototypes,
+)
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -119,6 +126,33 @@ def test_unknown_prototypes_wrapper_and_no_unknowns():
     assert sizes_known.sum() + sizes_unknown.sum() == len(x)
     protos, sizes_known, sizes_unknown = unknown_prototypes(x, means[:3], num_unknown=0)
     assert protos.shape == (0, 16) and sizes_unknown.shape == (0,) and sizes_known.sum() == len(x)
+
+
+def test_prototypes_fit_only_what_no_known_class_explains():
+    """Known-class features lie far from their text (cosine 0.6) yet CLIP names them surely; fitted on every feature,
+    the one free centre takes them, fitted on the rest it finds the unexplained blob, and the counts follow the rule."""
+    rng = np.random.default_rng(0)
+    texts = np.eye(8, dtype=np.float32)[:2]
+    explained = unit(np.array([0.6, 0, 0.8, 0, 0, 0, 0, 0]) + 0.05 * rng.standard_normal((300, 8)))
+    noise = 0.05 * rng.standard_normal((100, 8)) * (np.arange(8) >= 2)  # alike to both texts: CLIP cannot choose
+    blob = unit(np.array([0.3, 0.3, 0, 0, 0, 1.0, 0, 0]))
+    unexplained = unit(blob + noise)
+    x = np.concatenate([explained, unexplained]).astype(np.float32)
+    rule = LabelRule("known_first", known_scale=100.0, known_confidence=0.9, fit_on="unexplained")
+    np.testing.assert_array_equal(rule.fit_rows(x, texts), np.arange(300, 400))
+    protos, known, unknown = unknown_prototypes(x, texts, 1, iterations=10, rule=rule)
+    assert protos[0] @ blob > 0.99
+    assert known.tolist() == [300, 0] and unknown.tolist() == [100]
+    # the floor at the 0.25 quantile of the cosines to the nearest text lies between the two groups' (0.28, 0.6)
+    floored = rule.with_floor(x, texts, 0.25)
+    assert 0.28 < floored.known_floor < 0.6 and rule.with_floor(x, texts, 0.0) == rule
+    np.testing.assert_array_equal(floored.fit_rows(x, texts), np.arange(300, 400))
+    higher = LabelRule("known_first", known_scale=100.0, known_confidence=0.9, fit_on="unexplained", known_floor=0.9)
+    assert len(higher.fit_rows(x, texts)) == 400 and unknown_prototypes(x, texts, 1, rule=higher)[1].sum() == 0
+    everything = LabelRule("known_first", known_scale=100.0, known_confidence=0.9, fit_on="all")
+    assert unknown_prototypes(x, texts, 1, iterations=10, rule=everything)[0][0] @ blob < 0.9
+    nearest, known, unknown = unknown_prototypes(x, texts, 1, iterations=10)  # docs/method.md §4 as written
+    assert known.sum() + unknown.sum() == 400 and known.sum() < 300
 
 
 def test_bad_input_is_refused():

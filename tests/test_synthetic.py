@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from clips4.config import SyntheticConfig
+from clips4.config import DataConfig, SyntheticConfig
+from clips4.data.datasets import get_dataset
 from clips4.data.synthetic import SHAPES, SyntheticWorld
 
 CUSTOM = dict(
@@ -120,3 +122,26 @@ def test_write_refuses_a_directory_of_another_world(tmp_path):
         SyntheticWorld(SyntheticConfig(seed=2)).write(tmp_path, "val", 2)
     # the split sizes are not part of the world: a larger world with the same seed reuses the files
     assert len(SyntheticWorld(SyntheticConfig(seed=1, num_val=500)).write(tmp_path, "val", 3)) == 3
+
+
+def _image_digests(records) -> list[str]:
+    return [hashlib.sha256(np.asarray(Image.open(r.image_path)).tobytes()).hexdigest() for r in records]
+
+
+def test_test_split_is_disjoint_and_leaves_train_and_val_unchanged(tmp_path):
+    """The three splits: test exists, shares no image with train or val, and adding it changes neither of them."""
+    def world(num_test: int, root):
+        synthetic = SyntheticConfig(seed=0, image_size=32, num_train=6, num_val=4, num_test=num_test)
+        splits = ["train", "val", "test"] if num_test else ["train", "val"]
+        return get_dataset(DataConfig(dataset="synthetic", splits=splits, synthetic=synthetic), root=root)
+
+    without, with_test = world(0, tmp_path / "two"), world(5, tmp_path / "three")
+    test = with_test.records("test")
+    assert len(test) == 5 and all(r.split == "test" and r.image_id.startswith("test_") for r in test)
+    digests = {split: _image_digests(with_test.records(split)) for split in ("train", "val")}
+    assert digests == {split: _image_digests(without.records(split)) for split in ("train", "val")}
+    test_digests = _image_digests(test)
+    assert len(set(test_digests)) == 5 and not set(test_digests) & {*digests["train"], *digests["val"]}
+    teacher = SyntheticWorld(SyntheticConfig(seed=0, image_size=32))  # the teacher pre-trains on its own split
+    assert not {hashlib.sha256(teacher.sample("teacher", i).image.tobytes()).hexdigest() for i in range(20)} & set(
+        test_digests)

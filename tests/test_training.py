@@ -116,9 +116,9 @@ def test_targets_are_the_given_known_texts_then_the_prototypes(tmp_path, monkeyp
     seen = []
     real = training.semantic_consistency
 
-    def spy(seg_emb, clip_seg, targets, tau):
+    def spy(seg_emb, clip_seg, targets, tau, **labels):
         seen.append(targets.detach().clone())
-        return real(seg_emb, clip_seg, targets, tau)
+        return real(seg_emb, clip_seg, targets, tau, **labels)
 
     monkeypatch.setattr(training, "semantic_consistency", spy)
     arrays = tiny_arrays()
@@ -138,9 +138,9 @@ def test_segment_labels_use_clip_embeddings_moved_across_the_gap(tmp_path, monke
     seen = {}
     real = training.semantic_consistency
 
-    def spy(seg_emb, clip_seg, targets, tau):
+    def spy(seg_emb, clip_seg, targets, tau, **labels):
         seen.setdefault("clip", []).append(clip_seg.detach().clone())
-        return real(seg_emb, clip_seg, targets, tau)
+        return real(seg_emb, clip_seg, targets, tau, **labels)
 
     monkeypatch.setattr(training, "semantic_consistency", spy)
     arrays = tiny_arrays()
@@ -151,6 +151,28 @@ def test_segment_labels_use_clip_embeddings_moved_across_the_gap(tmp_path, monke
     plain, moved = seen["clip"]
     torch.testing.assert_close(moved.norm(dim=1), torch.ones(len(moved)))
     assert plain[:, 0].mean() < 0.9 < moved[:, 0].min()
+
+
+def test_known_first_labels_reach_the_loss_and_are_counted(tmp_path, monkeypatch):
+    """The train loop labels with the data's rule: at a tiny logit scale nothing is surely known, so every label is
+    a prototype; with the plain nearest rule and a gap toward the first text, every label is that known class."""
+    seen = []
+    real = training.semantic_consistency
+
+    def spy(seg_emb, clip_seg, targets, tau, labels=None):
+        seen.append(labels)
+        return real(seg_emb, clip_seg, targets, tau, labels=labels)
+
+    monkeypatch.setattr(training, "semantic_consistency", spy)
+    arrays = tiny_arrays()
+    never_sure = training.LabelRule("known_first", known_scale=1e-3, known_confidence=0.5, fit_on="unexplained")
+    result = train_student(TrainData(**arrays, label_rule=never_sure), tiny_cfg(steps=2), MEAN_STD, tmp_path / "a", CPU)
+    assert all((labels >= KNOWN).all() for labels in seen) and result.known_label_share == 0.0
+    seen.clear()
+    gap = 3.0 * arrays["known_text"][0]  # every moved segment points almost at the first text
+    result = train_student(TrainData(**arrays, gap=gap), tiny_cfg(steps=1), MEAN_STD, tmp_path / "b", CPU)
+    assert all((labels == 0).all() for labels in seen) and result.known_label_share == 1.0
+    assert run(tmp_path / "c", steps=1, lambda_sem=0.0).known_label_share is None
 
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path):

@@ -1,4 +1,4 @@
-"""Superpixel regions (METHOD.md §2): the over-segmentation whose segments are each other's contrastive positives."""
+"""Superpixel regions (docs/method.md §2): the over-segmentation whose segments are each other's contrastive positives."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The synthetic world (METHOD.md §8): stuff textures as backgrounds, thing shapes on top, and captions.
+"""The synthetic world (docs/method.md §8): stuff textures as backgrounds, thing shapes on top, and captions.
 
 Everything is a pure function of :class:`~clips4.config.SyntheticConfig`. A class's look (hue, texture, shape) is
 derived from a stable hash of (name, class index, seed), never from a table of known names, so the world works for any
@@ -30,7 +30,8 @@ SHAPES: tuple[str, ...] = (
 THING_TEXTURES: tuple[str, ...] = ("plain", "stripes", "dots", "checker", "rings", "waves")
 STUFF_TEXTURES: tuple[str, ...] = ("blobs", "stripes", "checker", "dots", "waves", "grain")
 
-_SPLIT_CODES = {"train": 0, "val": 1}
+# Each split draws image i from its own stream (seed, split code, i), so a split's size never changes another's images.
+_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 _TWO_STUFF_PROB = 0.5
 
 
@@ -230,6 +231,7 @@ class SyntheticWorld:
         fields = self.cfg.fingerprint_fields()
         fields.pop("num_train")
         fields.pop("num_val")
+        fields.pop("num_test")
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def _rng(self, split: str, index: int) -> np.random.Generator:
