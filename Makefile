@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench results clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
-	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in bench/cluster.py bench/extract.py bench/features.py bench/metrics.py; do $(BIN)/python $$b || exit 1; done
+
+results: $(STAMP)
+	$(BIN)/python bench/quality.py report --seeds 0 1 2 --split test --out docs/results/demo.md
+	$(BIN)/python bench/quality.py ablate --seed 0 --out docs/results/ablations.md
 
 clean:
 	rm -rf $(VENV) store
