@@ -451,7 +451,7 @@ class Store:
             manifest = Manifest(
                 kind=kind,
                 key=key,
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
                 duration_s=round(time.time() - start, 3),
                 version=_package_version(),
                 git_revision=_git_revision(),
