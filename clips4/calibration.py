@@ -37,7 +37,7 @@ def share_floor_bias(scores: torch.Tensor, reference_share: torch.Tensor, classe
 
     Why: the student keeps the teacher's majority for alike-looking pixels, so a class named only at test time that
     the teacher finds on a minority of its pixels can vanish from the student's argmax while still scoring highest
-    on them (docs/STATUS.md, twenty-fourth session). Given the teacher's share as the reference, the bias is a
+    on them (docs/method.md §9). Given the teacher's share as the reference, the bias is a
     quantile of each class's margin to the best other class; a few passes settle classes that compete with each
     other. Classes the student already gives their floor keep a bias of 0.
     """

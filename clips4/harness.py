@@ -5,7 +5,7 @@ pandas tables (:class:`Results`); the evaluate stage only reads artifacts into i
 
 Rows are the named :class:`Method` s of :data:`METHODS`:
 
-- ``maskclip``: MaskCLIP's map as the features stage stored it, plain cosine to the class texts (METHOD.md §6);
+- ``maskclip``: MaskCLIP's map as the features stage stored it, plain cosine to the class texts (docs/method.md §6);
 - ``maskclip+kspd``: the same map with key smoothing and prompt denoising (language only, ViT teachers);
 - ``maskclip+tta``: MaskCLIP with every test-time step that needs no trained student: the test scales
   (``test_scales``), the modality gap re-centred on the classes named from MaskCLIP's own centre (``recentre_gap``)
