@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from clips4.progress import track
+from clips4.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +207,6 @@ def _registry_name(model_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-")
 
 
-def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_teacher(teacher_or_model: Teacher | nn.Module, model_name: str, out_dir: Path) -> Path:
     """Store weights and config in open_clip's hf-hub layout (``open_clip_config.json`` + safetensors).
 
@@ -228,9 +223,9 @@ def save_teacher(teacher_or_model: Teacher | nn.Module, model_name: str, out_dir
     name = _registry_name(model_name)
     config = {"model_name": name, "model_cfg": model_cfg, "preprocess_cfg": open_clip.get_model_preprocess_cfg(model)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(out_dir / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
-    _write_atomic(out_dir / f"{name}.json", lambda p: p.write_text(json.dumps(model_cfg, indent=2)))
-    _write_atomic(out_dir / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
+    atomic_write(out_dir / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+    atomic_write(out_dir / f"{name}.json", lambda p: p.write_text(json.dumps(model_cfg, indent=2)))
+    atomic_write(out_dir / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
     return out_dir
 
 
@@ -432,7 +427,7 @@ def pretrain_synthetic(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
             }
-            _write_atomic(resume_path, lambda p: torch.save(state, p))
+            atomic_write(resume_path, lambda p: torch.save(state, p))
     return model.eval().requires_grad_(False), history
 
 

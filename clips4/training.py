@@ -42,6 +42,7 @@ from clips4.prototypes import LabelRule, spherical_kmeans
 from clips4.segments import segment_views
 from clips4.student import PixelEncoder, build_student
 from clips4.views import ViewBatch, cell_footprints, color_jitter, sample_views, warp
+from clips4.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -392,13 +393,6 @@ def setup_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
     if owns:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Distributed(dist.get_rank(), dist.get_world_size(), enabled=True, owns_group=owns), device
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file and rename, so a killed run never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def save_student(model: PixelEncoder, path: Path, cfg: TrainConfig, step: int) -> None:

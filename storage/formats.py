@@ -21,6 +21,7 @@ import pandas as pd
 import yaml
 import zarr
 from PIL import Image
+from clips4.atomic import atomic_write
 
 HASH_BLOCK = 1 << 20  # streaming reads: large files are hashed without holding them in memory
 ZARR_META = "zarr.json"
@@ -154,9 +155,7 @@ class ArtifactFiles:
 
     def _atomic_write(self, name: str, data: bytes) -> Path:
         path = self.file(name)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))
         st = path.stat()
         self.written[self._rel(name)] = (st.st_ino, st.st_size, st.st_mtime_ns, hashlib.sha256(data).hexdigest())
         return path

@@ -16,6 +16,7 @@ from clips4.config import PipelineConfig, to_yaml
 from clips4.storage import ArtifactFiles, Store, make_key
 from clips4.tasks.readers import CONFIG
 from clips4.tasks.stages import stage as stage_of
+from clips4.atomic import atomic_write
 
 # SHA-256 of weight files named by path, remembered per (path, size, mtime_ns): a multi-GB checkpoint is read once.
 HASH_CACHE = Path.home() / ".cache" / "clips4" / "file-sha256.json"
@@ -40,9 +41,7 @@ def file_sha256(path: Path) -> str:
     cache[str(path)] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
     try:  # the cache only saves time: a store on a read-only home still gets correct keys
         HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)
-        tmp = HASH_CACHE.with_name(f"{HASH_CACHE.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, HASH_CACHE)
+        atomic_write(HASH_CACHE, lambda tmp: tmp.write_text(json.dumps(cache)))
     except OSError:
         pass
     return digest.hexdigest()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from PIL import Image
 from clips4.config import SyntheticConfig
 from clips4.data.records import IGNORE_INDEX, Record
 from clips4.progress import track
+from clips4.atomic import atomic_write
 
 # Ordered from most to least distinct, so a world with few things gets the most separable ones.
 SHAPES: tuple[str, ...] = (
@@ -344,14 +344,10 @@ class SyntheticWorld:
                 captions[image_id], changed = sample.caption, True
             records.append(Record(image_id, split, str(image_path), str(label_path), captions[image_id]))
         if changed:
-            tmp = index_path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps({"world": self.world_key(), "captions": captions}, indent=0))
-            os.replace(tmp, index_path)
+            index = json.dumps({"world": self.world_key(), "captions": captions}, indent=0)
+            atomic_write(index_path, lambda tmp: tmp.write_text(index))
         return records
 
 
 def _write_png_atomic(path: Path, array: np.ndarray) -> None:
-    """Write then rename, so a killed run never leaves a truncated PNG that a rerun would trust."""
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
