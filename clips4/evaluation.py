@@ -21,7 +21,7 @@ from clips4.data.records import IGNORE_INDEX
 from clips4.maskclip import LOGIT_SCALE
 from clips4.metrics import ConfusionMatrix, hungarian_mapping, segmentation_scores
 from clips4.progress import track
-from clips4.prototypes import spherical_kmeans
+from clips4.prototypes import move_across_gap, spherical_kmeans
 from clips4.sampling import sample_pixels
 
 DROPPED_SCORE = -1e30
@@ -86,8 +86,7 @@ def language_logits(emb: torch.Tensor, weights: torch.Tensor, centre: torch.Tens
     the scores (the share floor, :func:`clips4.calibration.share_floor_bias`).
     """
     if centre is not None:
-        shift = cone_shift(weights, centre).to(emb.device)
-        emb = F.normalize(emb.float(), dim=1) + shift.view(1, -1, 1, 1)
+        emb = move_across_gap(emb.float(), cone_shift(weights, centre))
     scores = cosine_logits(emb, weights)
     return scores if bias is None else scores + bias.to(scores).view(1, -1, 1, 1)
 

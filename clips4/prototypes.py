@@ -4,7 +4,7 @@ The known classes are already named by their text embeddings, so those centres n
 what the CLIP features hold that no known class explains. CLIP's image and text embeddings sit in two separate cones
 (the "modality gap", Liang et al., NeurIPS 2022), so raw image features are nearly always nearer a free centre
 fitted to them than to any text: the text centres would get no points and the prototypes would not be comparable
-with the class texts. Clustering runs on image features moved across the gap (:func:`close_gap`), which puts free
+with the class texts. Clustering runs on image features moved across the gap (:func:`move_across_gap`), which puts free
 and fixed centres on one scale. Assignment is a FAISS flat inner-product search (on the GPU
 when faiss has GPU support), the update is the re-normalised mean, and after the first iterations only the points
 whose similarity bounds no longer prove their centre are searched again (:class:`AssignmentBounds`), so 100k x 512
@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from clips4.losses import known_confidence, semantic_labels
 
@@ -308,9 +309,12 @@ def modality_gap(image_features: np.ndarray, text: np.ndarray) -> np.ndarray:
     return (text.mean(axis=0) - image_features.mean(axis=0)).astype(np.float32)
 
 
-def close_gap(x: np.ndarray, gap: np.ndarray) -> np.ndarray:
-    """Image embeddings [N, D] moved by ``gap`` and re-normalised, so that they compare with text embeddings."""
-    return unit_rows(unit_rows(x, "image features") + gap, "gap-corrected image features")
+def move_across_gap(x: torch.Tensor, gap: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """CLIP image embeddings ``x`` moved by the modality-gap offset ``gap`` [D] along ``dim`` and re-normalised, so
+    that they compare with text embeddings: the one definition of the move, for clustering, training and scoring."""
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    return F.normalize(F.normalize(x, dim=dim) + gap.to(x).view(shape), dim=dim)
 
 
 @dataclass(frozen=True)

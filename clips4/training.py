@@ -38,7 +38,7 @@ from clips4.losses import (
     semantic_consistency,
 )
 from clips4.progress import track
-from clips4.prototypes import LabelRule, spherical_kmeans
+from clips4.prototypes import LabelRule, move_across_gap, spherical_kmeans
 from clips4.segments import segment_views
 from clips4.student import PixelEncoder, build_student
 from clips4.views import ViewBatch, cell_footprints, color_jitter, sample_views, warp
@@ -310,14 +310,6 @@ def step_losses(
         labels = rule.label(u_text_side, targets, num_known)
         losses["sem"] = semantic_consistency(v, u_text_side, targets, cfg.tau, labels=labels)
     return {name: losses[name] for name in weights}, u_text_side, labels
-
-
-def move_across_gap(x: torch.Tensor, gap: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """CLIP image embeddings ``x`` moved by the modality-gap offset ``gap`` [D] along ``dim`` and re-normalised, so
-    that they compare with text embeddings (the torch twin of :func:`clips4.prototypes.close_gap`)."""
-    shape = [1] * x.ndim
-    shape[dim] = -1
-    return F.normalize(F.normalize(x, dim=dim) + gap.view(shape), dim=dim)
 
 
 def patch_consistency(z: torch.Tensor, clip: torch.Tensor, views: ViewBatch, frame_size: tuple[int, int],

@@ -8,7 +8,7 @@ import torch
 from prefect import task
 
 from clips4.config import PipelineConfig
-from clips4.prototypes import LabelRule, close_gap, modality_gap, unknown_prototypes
+from clips4.prototypes import LabelRule, modality_gap, move_across_gap, unknown_prototypes
 from clips4.sampling import sample_features
 from clips4.visualize import prototype_map
 from clips4.storage import ArtifactFiles, Store
@@ -28,7 +28,7 @@ def build_cluster(cfg: PipelineConfig, store: Store, upstream: dict[str, str], f
     gap = np.zeros(sample.shape[1], np.float32)
     if c.close_modality_gap and len(known):
         gap = modality_gap(sample, known)
-        sample = close_gap(sample, gap)
+        sample = move_across_gap(torch.from_numpy(sample), torch.from_numpy(gap)).numpy()
     use_gpu = None if c.device == "auto" else c.device.startswith("cuda")
     rule = LabelRule.from_config(c).with_floor(sample, known, c.known_quantile)
     protos, known_sizes, unknown_sizes = unknown_prototypes(

@@ -2,12 +2,13 @@ import logging
 
 import faiss
 import numpy as np
+import torch
 import pytest
 
 from clips4.prototypes import (
     LabelRule,
-    close_gap,
     modality_gap,
+    move_across_gap,
     spherical_kmeans,
     unit_rows,
     unknown_prototypes,
@@ -75,7 +76,7 @@ def test_closing_the_modality_gap_lets_text_centres_win_their_blobs():
     assert raw.sizes[:4].sum() < len(x) / 10  # text centres starve
     gap = modality_gap(images, text)
     np.testing.assert_allclose(gap, text.mean(0) - images.mean(0), atol=1e-6)
-    moved = close_gap(images, gap)
+    moved = move_across_gap(torch.from_numpy(images), torch.from_numpy(gap)).numpy()
     np.testing.assert_allclose(np.linalg.norm(moved, axis=1), 1.0, atol=1e-5)
     fixed = spherical_kmeans(moved, k=2, iterations=20, seed=0, fixed=text)
     # the shift is one vector for all classes and the sphere bends it, so the correction is close, not exact
