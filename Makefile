@@ -25,8 +25,8 @@ bench: $(STAMP)
 	for b in bench/cluster.py bench/extract.py bench/features.py bench/metrics.py; do $(BIN)/python $$b || exit 1; done
 
 results: $(STAMP)
-	$(BIN)/python bench/quality.py report --seeds 0 1 2 --split test --out docs/results/demo.md
-	$(BIN)/python bench/quality.py ablate --seed 0 --out docs/results/ablations.md
+	$(BIN)/python bench/worlds.py --seeds 1 2 3 4 5 --split test
+	$(BIN)/python bench/ablation.py --seeds 1 2 3 4 5 --split test
 
 clean:
 	rm -rf $(VENV) store
