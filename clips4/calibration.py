@@ -16,9 +16,6 @@ from clips4.evaluation import Embedder, cosine_logits, language_logits
 from clips4.progress import track
 from clips4.sampling import sample_pixels
 
-# The share floor is measured on at most this many training images, evenly strided (all of the demo's 800).
-FLOOR_IMAGES = 1024
-
 
 def argmax_shares(scores: Iterable[torch.Tensor], num_classes: int) -> torch.Tensor:
     """Share [K] of the pixels whose highest score is each class, over score maps [B,K,h,w] or rows [N,K]."""

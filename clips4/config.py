@@ -109,21 +109,30 @@ class RegionsConfig(Section):
     min_size: int = Field(20, ge=1, description="Felzenszwalb: minimum component size.")
 
 
-DatasetName = Literal["synthetic", "voc", "context", "cocostuff", "cityscapes", "ade20k", "imagefolder"]
+DatasetName = Literal[
+    "synthetic", "voc20", "voc21", "context59", "context60", "cocoobject", "cocostuff171", "cocostuff27", "cityscapes",
+    "cityscapes27", "ade20k", "imagefolder",
+]  # fmt: skip
 
 
 class DataConfig(Section):
     """Which images, which classes, and how bad input is handled."""
 
-    dataset: DatasetName = Field("synthetic", description="Dataset adapter.")
+    dataset: DatasetName = Field(
+        "synthetic", description="Dataset adapter: the benchmark as its field names it (docs/datasets.md)."
+    )
     root: Path | None = Field(None, description="Dataset root on disk (not used by the synthetic world).")
     splits: list[str] = Field(default_factory=lambda: ["train", "val"], min_length=1, description="Splits to index.")
     held_out: list[str] | None = Field(
         None, description="Class names never used in training; null = the dataset's default (docs/method.md §7)."
     )
     max_images: int | None = Field(None, ge=1, description="Cap per split (for quick runs); null = all.")
-    sbd_aug: bool = Field(False, description="VOC: add the SBD augmented training list when present.")
-    coarse: bool = Field(False, description="COCO-Stuff and Cityscapes: use the 27 coarse classes (unsupervised protocol).")
+    classes: str | None = Field(
+        None,
+        description="Class-name file: a file shipped in clips4/data/classes (e.g. voc20.txt) or a path; one class per "
+        "line in label-id order, synonyms separated by ' | '. null = the dataset's own file.",
+    )
+    sbd_aug: bool = Field(False, description="voc20, voc21: add the SBD augmented training list when present.")
     train_resolution: int = Field(
         320, ge=16, description="Training images are resized to this square side; superpixels are computed there."
     )
@@ -150,7 +159,10 @@ class TeacherConfig(Section):
     model: str = Field(
         "ViT-B-16", description="open_clip model name, or an 'hf-hub:org/repo' id (then pretrained is ignored)."
     )
-    pretrained: str | None = Field("openai", description="open_clip pretrained tag, or a local checkpoint path.")
+    pretrained: str | None = Field(
+        "openai",
+        description="open_clip pretrained tag, or a local checkpoint path (OpenAI's own release loads with QuickGELU).",
+    )
     train: Literal["none", "synthetic"] = Field(
         "none", description="'synthetic': pre-train `model` here on the synthetic world's captions."
     )
@@ -180,11 +192,18 @@ class FeaturesConfig(Section):
 
     resolution: int = Field(224, ge=16, description="Images are resized to this square side before the teacher.")
     dtype: Literal["float16", "float32"] = Field("float16", description="Stored dtype of the dense features.")
-    keep_keys: bool = Field(True, description="Store the last block's keys (for key smoothing).")
+    keep_keys: bool = Field(
+        True, description="Store the last block's keys (for key smoothing, the maskclip+kspd row) of every split but "
+        "train: no stage reads the train split's keys."
+    )
     amp: bool = Field(True, description="Autocast on CUDA (ignored on CPU).")
     extra_templates: bool = Field(True, description="Add MaskCLIP's 5 scene templates to the 80 ImageNet ones.")
     shard_size: int = volatile(64, "Images per unit of work (and per Zarr shard).")
     batch_size: int = volatile(32, "Images per teacher forward pass.")
+    num_workers: int = volatile(
+        2, "Threads that decode and resize images ahead of the teacher (0 = none: the teacher waits for each "
+        "batch); a Dask worker uses one."
+    )
     device: str = volatile("auto", "'auto', 'cpu' or 'cuda[:i]'.")
     dask_address: str | None = volatile(None, "Run the shards on this Dask scheduler (prefect-dask); null = local.")
 
@@ -238,7 +257,9 @@ class TrainConfig(Section):
     """The student and CLIP-S4's three losses (docs/method.md §1-4)."""
 
     student: Literal["small_cnn", "resnet50", "resnet101"] = Field("small_cnn", description="Pixel encoder.")
-    backbone_weights: Path | None = Field(None, description="Local torchvision weights file for ResNet backbones.")
+    backbone_weights: Path | None = Field(
+        None, description="Local torchvision ImageNet weights file for ResNet students (null: random weights)."
+    )
     width: int = Field(64, ge=8, description="small_cnn: base channel width.")
     context: list[int] = Field(
         default_factory=lambda: [1, 1],
@@ -357,11 +378,59 @@ class EvaluateConfig(Section):
         ge=1,
         description="Side of the one grid every method's map is resized to (bilinear) before the unsupervised and "
         "probe tasks, so MaskCLIP's coarse map and the student's finer one are compared at the same output "
-        "resolution (64: the demo's label size and the student's map at test scale 2). The probe holds the train "
-        "split at this size in memory.",
+        "resolution (64: the demo's label size and the student's map at test scale 2). The probe reads the train "
+        "split's maps at this size a batch at a time.",
+    )
+    protocol: Literal["stored", "whole", "slide"] = Field(
+        "stored",
+        description="How the language task's models see each image. 'stored': MaskCLIP's map as the features stage "
+        "stored it (the image squashed to a features.resolution square) and the student on the image squashed to "
+        "its train.input_size square. 'whole': MaskCLIP and the student each on the whole image, resized by "
+        "short_side. 'slide': each on crop x crop windows of that image every stride pixels, class scores averaged "
+        "where windows overlap (the SCLIP family's harness). Scores are resized (bilinear) to each label's original "
+        "size before the argmax. 'whole' and 'slide' leave out the maskclip+kspd row; the unsupervised and probe "
+        "tasks, and the share floor's calibration, always read the stored maps (see grid).",
+    )
+    short_side: int | None = Field(
+        None,
+        ge=16,
+        description="'whole' and 'slide': each image is resized (bilinear, aspect ratio kept) so that its short side "
+        "has this many pixels (the SCLIP family: 336 for VOC, Context, ADE20K and COCO-Object, 448 for COCO-Stuff, "
+        "560 for Cityscapes; MaskCLIP's own tables: 512 with 'whole'); the test scales of the +tta rows multiply "
+        "it. null = each image at its own size.",
+    )
+    crop: int = Field(
+        224, ge=16, description="'slide': side in pixels of the square windows MaskCLIP and the student each see "
+        "(cut to the image where it is smaller)."
+    )
+    stride: int = Field(
+        112, ge=1, description="'slide': pixels between neighbouring windows, at most crop; the last window of each "
+        "row and column is aligned to the image's border, so windows cover every pixel."
+    )
+    background: Literal["ignore", "threshold"] = Field(
+        "ignore",
+        description="Language task. 'ignore': every class has a text and is scored (labels mark unlabelled "
+        "background 255). 'threshold': class 0 is 'background' and has no text; the other classes are scored "
+        "against their texts, and a pixel is background where the largest of their softmax probabilities "
+        "(softmax of CLIP's 100 x cosine) is below background_threshold. 'threshold' leaves out the maskclip+kspd "
+        "row; the unsupervised and probe tasks score every class.",
+    )
+    background_threshold: float = Field(
+        0.1, gt=0, lt=1, description="'threshold': the largest class probability below which a pixel is "
+        "background; published tables differ in it, so set it per benchmark."
     )
     batch_size: int = volatile(16, "Images per forward pass.")
     device: str = volatile("auto", "'auto', 'cpu' or 'cuda[:i]'.")
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateConfig:
+        if self.stride > self.crop:
+            raise ValueError(f"stride ({self.stride}) must not exceed crop ({self.crop}): windows further apart than "
+                             "their side would leave pixels unseen")
+        if self.short_side is not None and self.protocol == "stored":
+            raise ValueError(f"short_side ({self.short_side}) resizes images for protocol 'whole' or 'slide'; set "
+                             "evaluate.protocol to one of them, or short_side to null")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------------- pipeline

@@ -178,9 +178,14 @@ def unsupervised_segmentation(
 
 
 # -------------------------------------------------------------------------------------------------- linear probe
+ProbeReader = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
+"""Image indices of the train split (ascending) -> (embeddings [B,D,h,w], int labels [B,h,w] at the same
+resolution): read on demand, so the split need not fit memory."""
+
+
 def train_linear_probe(
-    train_emb: torch.Tensor,
-    train_labels: torch.Tensor,
+    read: ProbeReader,
+    num_images: int,
     num_classes: int,
     epochs: int,
     lr: float,
@@ -191,34 +196,37 @@ def train_linear_probe(
 ) -> nn.Conv2d:
     """A 1x1 conv probe [D -> K] trained with cross-entropy on frozen embeddings (transfer protocol, docs/method.md §6).
 
-    ``train_emb`` [N,D,h,w] (any float dtype, may stay on the CPU) and ``train_labels`` [N,h,w] at the same
-    resolution (downsample full labels with :func:`resize_labels`, nearest). Mini-batches of ``batch_size`` images
-    are moved to ``device``. The probe learns on channels standardised with the train split's own mean and
-    standard deviation, folded into the returned conv afterwards (it still reads the raw embeddings): unit-length
-    embeddings of a few hundred dims have per-channel spreads near 1/sqrt(D), on which plain SGD moves the logits
-    so slowly that a few epochs end far from the optimum, and the score would measure the optimiser rather than the
-    embeddings. SGD with momentum 0.9 and a cosine-decayed ``lr``; zero-initialised, so the convex problem has a
-    seed-independent start and ``seed`` only orders the batches.
+    The ``num_images`` images of the train split are streamed through ``read``, at most ``batch_size`` at a time
+    (any float dtype, moved to ``device``): once in order for the channel moments, then once per epoch in a seeded
+    random order of images, so memory holds one batch whatever the split's size. Images are shuffled one by one, not
+    in runs, since a split stored in class order would otherwise give one-class batches; each batch's images are
+    asked for in ascending order (the order within a batch does not change its gradient).
+
+    The probe learns on channels standardised with the train split's own mean and standard deviation, folded into
+    the returned conv afterwards (it still reads the raw embeddings): unit-length embeddings of a few hundred dims
+    have per-channel spreads near 1/sqrt(D), on which plain SGD moves the logits so slowly that a few epochs end far
+    from the optimum, and the score would measure the optimiser rather than the embeddings. SGD with momentum 0.9 and
+    a cosine-decayed ``lr``; zero-initialised, so the convex problem has a seed-independent start and ``seed`` only
+    orders the images.
     """
-    if train_emb.ndim != 4 or train_labels.shape != (train_emb.shape[0], *train_emb.shape[2:]):
-        raise ValueError(
-            f"train_emb must be [N,D,h,w] and train_labels [N,h,w] at the same resolution, got "
-            f"{tuple(train_emb.shape)} and {tuple(train_labels.shape)}; use resize_labels"
-        )
-    mean, std = channel_moments(train_emb, device)
-    probe = nn.Conv2d(train_emb.shape[1], num_classes, kernel_size=1).to(device)
+    if num_images < 1:
+        raise ValueError("the linear probe needs at least one training image")
+    runs = (list(range(s, min(s + batch_size, num_images))) for s in range(0, num_images, batch_size))
+    mean, std = channel_moments((_probe_batch(read, idx)[0] for idx in runs), device)
+    probe = nn.Conv2d(len(mean), num_classes, kernel_size=1).to(device)
     nn.init.zeros_(probe.weight)
     nn.init.zeros_(probe.bias)
     optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9)
-    steps_per_epoch = -(-len(train_emb) // batch_size)
+    steps_per_epoch = -(-num_images // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
     for _ in track(range(epochs), "linear probe", unit="epoch"):
-        for idx in torch.randperm(len(train_emb), generator=generator).split(batch_size):
-            labels = train_labels[idx].to(device).long()
+        for idx in torch.randperm(num_images, generator=generator).split(batch_size):
+            emb, labels = _probe_batch(read, sorted(idx.tolist()))
+            labels = labels.to(device).long()
             if not (labels != ignore_index).any():
                 continue
-            standard = (train_emb[idx].to(device).float() - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+            standard = (emb.to(device).float() - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
             loss = F.cross_entropy(probe(standard), labels, ignore_index=ignore_index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -231,16 +239,29 @@ def train_linear_probe(
     return probe.eval()
 
 
-def channel_moments(emb: torch.Tensor, device: torch.device, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and standard deviation [D] over all pixels of ``emb`` [N,D,h,w], accumulated in float64 a
-    chunk of images at a time (the split may be float16 on the CPU); constant channels get a spread of 1."""
-    total = torch.zeros(emb.shape[1], dtype=torch.float64, device=device)
-    squares = torch.zeros_like(total)
-    for start in range(0, len(emb), chunk):
-        x = emb[start : start + chunk].to(device).double()
-        total += x.sum((0, 2, 3))
-        squares += (x * x).sum((0, 2, 3))
-    count = emb.shape[0] * emb.shape[2] * emb.shape[3]
+def _probe_batch(read: ProbeReader, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    emb, labels = read(idx)
+    if emb.ndim != 4 or tuple(labels.shape) != (len(idx), *emb.shape[2:]) or len(emb) != len(idx):
+        raise ValueError(
+            f"the probe's reader must give embeddings [B,D,h,w] and labels [B,h,w] at the same resolution for "
+            f"{len(idx)} images, got {tuple(emb.shape)} and {tuple(labels.shape)}; use resize_labels"
+        )
+    return emb, labels
+
+
+def channel_moments(batches: Iterable[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation [D] over all pixels of the embedding ``batches`` [B,D,h,w] (any
+    float dtype, e.g. float16 on the CPU), accumulated in float64 one batch at a time; constant channels get a
+    spread of 1."""
+    total = squares = None
+    count = 0
+    for emb in batches:
+        x = emb.to(device).double()
+        total = x.sum((0, 2, 3)) if total is None else total + x.sum((0, 2, 3))
+        squares = (x * x).sum((0, 2, 3)) if squares is None else squares + (x * x).sum((0, 2, 3))
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    if total is None or count == 0:
+        raise ValueError("channel moments need at least one pixel")
     mean = total / count
     std = (squares / count - mean**2).clamp(min=0).sqrt()
     std = torch.where(std > 1e-6, std, torch.ones_like(std))

@@ -18,6 +18,12 @@ floor act on class scores, so on the unsupervised and probe tasks a +tta row dif
 scales only. Those two tasks see every map resized (bilinear) to one ``grid`` x ``grid``, so MaskCLIP's coarse map
 and the student's finer one are clustered and probed at the same output resolution; the language task scores each
 map at its own size, upsampled to each label's size.
+
+``evaluate.protocol`` says how the language task's models see an image (:mod:`clips4.protocol`): ``stored`` reads the
+maps above; ``whole`` and ``slide`` run MaskCLIP and the student on the image resized keeping its aspect ratio,
+whole or by sliding windows, scores resized to each label's original size, as published tables do. With
+``evaluate.background`` ``threshold`` class 0 is a background without text, predicted where no other class is
+confident.
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from clips4.calibration import FLOOR_IMAGES, new_class_floor
+from clips4.calibration import new_class_floor
 from clips4.config import EvaluateConfig
+from clips4.data.records import IGNORE_INDEX
 from clips4.evaluation import (
     Embedder,
     array_embedder,
@@ -43,11 +50,13 @@ from clips4.evaluation import (
     score_classifier,
     train_linear_probe,
     unsupervised_segmentation,
-    upsample_argmax,
 )
-from clips4.inference import embed_multiscale, embedding_centre, scales_label, strided
-from clips4.maskclip import extract_dense, maskclip_logits
+from clips4.inference import embed_multiscale, embedding_centre, scales_label
+from clips4.maskclip import extract_dense, input_stride, maskclip_logits
+from clips4.metrics import ConfusionMatrix, segmentation_scores
 from clips4.progress import track
+from clips4.protocol import predict_labels, protocol_scores
+from clips4.sampling import strided
 from clips4.teacher import Teacher
 from clips4.training import embed_images, normalize_images, to_unit_images
 
@@ -60,7 +69,7 @@ TEST_TIME: frozenset[Step] = frozenset({"scales", "recentre", "floor"})
 SCORES = ("mIoU", "mIoU_known", "mIoU_unknown", "hIoU", "pAcc")  # language; the other tasks report mIoU and pAcc
 
 Encoder = Callable[[np.ndarray], torch.Tensor]
-"""uint8 RGB images [B,S,S,3] -> dense maps [B,D,h,w]."""
+"""uint8 RGB images [B,H,W,3] of one size -> dense maps [B,D,h,w]."""
 
 
 @dataclass(frozen=True)
@@ -84,10 +93,12 @@ METHODS: dict[str, Method] = {
 @dataclass(frozen=True)
 class DenseModel:
     """An encoder and the side ``size`` it takes images at at test scale 1 (MaskCLIP: the features stage's
-    resolution; the student: its training input); test scales multiply it (:func:`embed_multiscale`)."""
+    resolution; the student: its training input); test scales multiply it (:func:`embed_multiscale`). Input sides
+    must be multiples of ``multiple`` (MaskCLIP's patch; the student takes any side)."""
 
     encode: Encoder
     size: int
+    multiple: int = 1
 
 
 def maskclip_model(teacher: Teacher, *, size: int, device: torch.device, batch_size: int = 16,
@@ -100,7 +111,7 @@ def maskclip_model(teacher: Teacher, *, size: int, device: torch.device, batch_s
         dense = extract_dense(teacher.model, x, batch_size, device, amp, with_keys=False)
         return dense.features.permute(0, 3, 1, 2).float()
 
-    return DenseModel(encode, size)
+    return DenseModel(encode, size, input_stride(teacher.model))
 
 
 def student_model(student: torch.nn.Module, *, size: int, mean: Sequence[float], std: Sequence[float],
@@ -189,7 +200,8 @@ class Harness:
     """Scores every row of :data:`METHODS` that applies to ``inputs`` on ``cfg.tasks``.
 
     Maps other than MaskCLIP's stored one are computed once per split and cached, float16 [N,h,w,D], in
-    ``workdir`` (memory-mapped ``.npy`` files; in memory when None), since each task reads them again."""
+    ``workdir`` (memory-mapped ``.npy`` files; in memory when None), since each task reads them again; so are the
+    train split's labels on the common grid, which every probe row reads once per epoch."""
 
     inputs: EvalInputs
     cfg: EvaluateConfig
@@ -199,6 +211,21 @@ class Harness:
     _bias: dict[str, torch.Tensor] = field(default_factory=dict, init=False)
     _shares: dict[str, pd.DataFrame] = field(default_factory=dict, init=False)
     _maskclip_centre: torch.Tensor | None = field(default=None, init=False)
+    _labels: dict[SplitName, np.ndarray] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        names = self.inputs.names
+        if self.cfg.background == "threshold" and (len(names) < 2 or names[0].strip().lower() != "background"):
+            raise ValueError(
+                f"evaluate.background 'threshold' predicts class 0 as the background, but class 0 of this dataset is "
+                f"{names[0] if names else None!r}; evaluate a dataset whose class 0 is 'background' (and that has "
+                "other classes), or set evaluate.background=ignore"
+            )
+
+    @property
+    def named(self) -> slice:
+        """The classes scored against their texts: every class, or all but class 0 with a thresholded background."""
+        return slice(1, None) if self.cfg.background == "threshold" else slice(None)
 
     # ------------------------------------------------------------------------------------------------ which rows
     def steps(self, name: str, task: Task) -> frozenset[Step]:
@@ -220,7 +247,8 @@ class Harness:
         return [
             name for name, m in METHODS.items()
             if (m.model == "maskclip" or self.inputs.student is not None)
-            and (not m.kspd or (task == "language" and self.inputs.evaluated.keys is not None))
+            and (not m.kspd or (task == "language" and self.inputs.evaluated.keys is not None
+                                and self.cfg.protocol == "stored" and self.cfg.background == "ignore"))
             and (not m.steps or self.steps(name, task))
         ]
 
@@ -256,14 +284,26 @@ class Harness:
             idx = range(start, min(start + size, len(split)))
             emb = encode([split.image(i) for i in idx]).permute(0, 2, 3, 1).numpy().astype(np.float16)
             if out is None:
-                shape = (len(split), *emb.shape[1:])
-                if self.workdir is None:
-                    out = np.empty(shape, np.float16)
-                else:
-                    self.workdir.mkdir(parents=True, exist_ok=True)
-                    out = np.lib.format.open_memmap(self.workdir / f"{name}.npy", "w+", np.float16, shape)
+                out = self._array(name, (len(split), *emb.shape[1:]), np.float16)
             out[idx.start : idx.stop] = emb
         return out
+
+    def _array(self, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        """An array to fill once and read again: a memory-mapped ``.npy`` file in ``workdir``, in memory without."""
+        if self.workdir is None:
+            return np.empty(shape, dtype)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        return np.lib.format.open_memmap(self.workdir / f"{name}.npy", "w+", dtype, shape)
+
+    def _grid_labels(self, split: SplitName) -> np.ndarray:
+        """A split's labels int16 [N,grid,grid], resized (nearest) to the common grid once per harness."""
+        if split not in self._labels:
+            data, size = self._split(split), (self.cfg.grid, self.cfg.grid)
+            out = self._array(f"labels@{self.cfg.grid}-{split}", (len(data), *size), np.int16)
+            for i in track(range(len(data)), f"labels of {split} on the grid", unit="image"):
+                out[i] = resize_labels(_label(data, i), size)[0].numpy()
+            self._labels[split] = out
+        return self._labels[split]
 
     def maps(self, name: str, split: SplitName = "evaluated") -> Embedder:
         """What method ``name`` scores on a split: its maps, or for ``maskclip+kspd`` its class scores."""
@@ -296,58 +336,99 @@ class Harness:
         return self._maskclip_centre
 
     def classifier(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The language task's scores [B,K,h,w] of what :meth:`maps` gives for ``name``."""
+        """The language task's scores [B,K',h,w] of embeddings [B,D,h,w] of ``name``'s model (what :meth:`maps`
+        gives), one per class with a text (:attr:`named`)."""
         if METHODS[name].kspd:
             return lambda scores: scores
         steps = self.steps(name, "language")
         centre = self.centre(METHODS[name].model) if "recentre" in steps else None
         bias = self._floor(name, centre) if "floor" in steps else None
-        return partial(language_logits, weights=self.inputs.text.to(self.device), centre=centre, bias=bias)
+        return partial(language_logits, weights=self.inputs.text[self.named].to(self.device), centre=centre, bias=bias)
 
     def _floor(self, name: str, centre: torch.Tensor | None) -> torch.Tensor:
         """The held-out share floor of ``name`` (:func:`clips4.calibration.new_class_floor`), measured once. The
-        student's columns keep the names ``clips4 segment`` writes; MaskCLIP's carry the row's name."""
+        student's columns keep the names ``clips4 segment`` writes; MaskCLIP's carry the row's name. It is measured
+        on the stored maps of the train split whatever ``evaluate.protocol``, over the classes with a text."""
         if name not in self._bias:
-            c, inputs = self.cfg, self.inputs
+            c, inputs, first = self.cfg, self.inputs, self.named.start or 0
             student = METHODS[name].model == "clips4"
             bias, table = new_class_floor(
                 self.embedder("maskclip", (1.0,), "train"), self.maps(name, "train"),
-                strided(len(self._split("train")), FLOOR_IMAGES), c.batch_size, inputs.text.to(self.device), centre,
-                inputs.held_out, inputs.names, c.new_class_floor, c.calibration_pixels, c.seed, self.device,
-                name="clips4" if student else name,
+                strided(len(self._split("train"))), c.batch_size, inputs.text[self.named].to(self.device), centre,
+                [k - first for k in inputs.held_out if k >= first], list(inputs.names)[self.named], c.new_class_floor,
+                c.calibration_pixels, c.seed, self.device, name="clips4" if student else name,
             )
             self._bias[name] = bias
             self._shares[name] = table if student else table.rename(columns={"bias": f"{name}_bias"})
         return self._bias[name]
 
+    def labeller(self, name: str) -> Callable[[int, tuple[int, int]], torch.Tensor]:
+        """Method ``name``'s language labels int64 [1,H,W] of an evaluated image, by index, at size (H, W): its class
+        scores under ``evaluate.protocol`` (:func:`clips4.protocol.protocol_scores` for 'whole' and 'slide', the
+        +tta rows' test scales multiplying the short side), resized to that size, then the argmax or the thresholded
+        background (:func:`clips4.protocol.predict_labels`)."""
+        c, split, classify = self.cfg, self.inputs.evaluated, self.classifier(name)
+        threshold = c.background_threshold if c.background == "threshold" else None
+        if c.protocol == "stored":
+            maps = self.maps(name)
+
+            def scores(i: int, size: tuple[int, int]) -> torch.Tensor:
+                return classify(maps([i]).to(self.device))
+        else:
+            model = METHODS[name].model
+            dense = self.inputs.teacher if model == "maskclip" else self.inputs.student
+            if dense is None:
+                raise ValueError(f"{model} under protocol {c.protocol!r} needs its encoder in EvalInputs")
+            scales, num_classes = self._scales(name), len(self.inputs.names[self.named])
+
+            def score(windows: np.ndarray) -> torch.Tensor:
+                return classify(dense.encode(windows).to(self.device))
+
+            def scores(i: int, size: tuple[int, int]) -> torch.Tensor:
+                return protocol_scores(score, split.image(i), size, c, num_classes, scales, multiple=dense.multiple,
+                                       batch_size=c.batch_size)
+
+        return lambda i, size: predict_labels(scores(i, size), size, threshold)
+
+    @torch.no_grad()
     def predict(self, name: str, index: int) -> np.ndarray:
         """Method ``name``'s language label map int [H,W] of image ``index`` of the evaluated split, at its label's
         size."""
         size = np.asarray(self.inputs.evaluated.label(index)).shape[:2]
-        scores = self.classifier(name)(self.maps(name)([index]).to(self.device))
-        return upsample_argmax(scores, size)[0].cpu().numpy()
+        return self.labeller(name)(index, size)[0].cpu().numpy()
 
     # ---------------------------------------------------------------------------------------------------- scoring
     def score(self, name: str, task: Task) -> dict:
         """Scores of method ``name`` on ``task`` (see :func:`clips4.metrics.segmentation_scores`)."""
         c, num_classes = self.cfg, len(self.inputs.names)
         if task == "language":
-            batches = _Batches(self.inputs.evaluated, self.maps(name))
-            return score_classifier(batches, self.classifier(name), num_classes, self.device, self.inputs.held_out)[0]
+            return self._language(name)
         if task == "unsupervised":
             return unsupervised_segmentation(_Batches(self.inputs.evaluated, self.maps(name), c.grid), num_classes,
                                              self.device, c.seed).scores
         return self._probe(name)
 
+    @torch.no_grad()
+    def _language(self, name: str) -> dict:
+        """Language scores of ``name``: one confusion matrix over the evaluated split, each image labelled at its
+        label's size (:meth:`labeller`)."""
+        split, labels_of = self.inputs.evaluated, self.labeller(name)
+        confusion = ConfusionMatrix(len(self.inputs.names), IGNORE_INDEX)
+        for i in track(range(len(split)), f"scoring {name}", unit="image"):
+            label = _label(split, i).to(self.device)
+            confusion.update(labels_of(i, tuple(label.shape[-2:])), label)
+        return segmentation_scores(confusion.matrix, self.inputs.held_out)
+
     def _probe(self, name: str) -> dict:
-        """Linear probe on the train split's frozen maps and labels, both on the common grid, scored on the
-        evaluated split."""
-        c, train, grid = self.cfg, self._split("train"), (self.cfg.grid, self.cfg.grid)
-        embed = self.maps(name, "train")
-        emb = torch.cat([to_grid(embed([i]), c.grid).half() for i in range(len(train))])
-        labels = torch.cat([resize_labels(_label(train, i), grid) for i in range(len(train))])
-        num_classes = len(self.inputs.names)
-        probe = train_linear_probe(emb, labels, num_classes, c.probe_epochs, c.probe_lr, c.seed, self.device)
+        """Linear probe on the train split's frozen maps and labels, both on the common grid, streamed a batch at a
+        time (:func:`clips4.evaluation.train_linear_probe`), scored on the evaluated split."""
+        c, num_classes = self.cfg, len(self.inputs.names)
+        embed, labels = self.maps(name, "train"), self._grid_labels("train")
+
+        def read(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # resized on the device: once per epoch
+            return to_grid(embed(idx).to(self.device), c.grid), torch.from_numpy(labels[idx])
+
+        probe = train_linear_probe(read, len(labels), num_classes, c.probe_epochs, c.probe_lr, c.seed, self.device)
         batches = _Batches(self.inputs.evaluated, self.maps(name), c.grid)
         with torch.no_grad():
             return score_classifier(batches, probe, num_classes, self.device)[0]

@@ -3,28 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clips4.config import MAX_TEST_SCALE, MIN_TEST_SCALE
+from clips4.config import MAX_TEST_SCALE, MIN_TEST_SCALE, EvaluateConfig
 from clips4.data.prepare import resize_square
-from clips4.evaluation import predict_language
+from clips4.evaluation import language_logits, predict_language
 from clips4.maskclip import prompt_templates, text_embeddings
 from clips4.progress import track
+from clips4.protocol import protocol_scores
+from clips4.sampling import STATISTICS_IMAGES, strided
 from clips4.teacher import Teacher
 from clips4.training import embed_images
 
 if TYPE_CHECKING:
     import zarr
 
-# The embedding centre is measured on this many images at most, evenly strided, so a large dataset spends a bounded
-# pass on it (the demo's 800 training images are all used), this many at a time.
-CENTRE_IMAGES = 1024
-CENTRE_BATCH = 64
+CENTRE_BATCH = 64  # images per forward pass while measuring the embedding centre
 
 
 def parse_class_names(text: str) -> list[list[str]]:
@@ -86,14 +85,9 @@ def student_embedder(student: torch.nn.Module, input_size: int, mean: Sequence[f
     return lambda images: embed_multiscale(embed, images, input_size, scales)
 
 
-def strided(n: int, max_images: int) -> range:
-    """At most ``max_images`` of ``n`` image indices, evenly strided: a bounded pass over a large dataset."""
-    return range(0, n, -(-n // max_images))
-
-
 @torch.no_grad()
 def embedding_centre(embed: Callable[[np.ndarray], torch.Tensor], images: np.ndarray | zarr.Array,
-                     max_images: int = CENTRE_IMAGES, batch_size: int = CENTRE_BATCH) -> torch.Tensor:
+                     max_images: int = STATISTICS_IMAGES, batch_size: int = CENTRE_BATCH) -> torch.Tensor:
     """Mean [D], over every pixel, of the unit embeddings ``embed`` gives at most ``max_images`` of ``images``
     [N,H,W,3] (evenly strided): where a student's embeddings actually sit, the point
     :func:`clips4.evaluation.language_logits` re-centres from. ``images`` is read one batch at a time, so it may be
@@ -123,6 +117,8 @@ class Segmenter:
     device: torch.device
     centre: torch.Tensor | None = None  # the student's embedding centre; see clips4.evaluation.language_logits
     scales: Sequence[float] = (1.0,)
+    # How images are seen: its protocol, short_side, crop and stride, as the evaluate stage's language task
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def __post_init__(self) -> None:
         self.scales = check_scales(self.scales)
@@ -140,8 +136,19 @@ class Segmenter:
     def __call__(self, images: Sequence[np.ndarray], text: torch.Tensor, batch_size: int = 16,
                  bias: torch.Tensor | None = None) -> list[np.ndarray]:
         """Label maps int [H,W] (each image's own size) for uint8 RGB images of any sizes; ``bias`` [K] is added
-        to the class scores (the share floor of classes the student was not trained on)."""
+        to the class scores (the share floor of classes the student was not trained on). Under protocol 'whole' or
+        'slide' (:func:`clips4.protocol.protocol_scores`) the test scales multiply the short side."""
         out: list[np.ndarray] = []
+        if self.evaluate.protocol != "stored":
+            def score(windows: np.ndarray) -> torch.Tensor:
+                emb = embed_images(self.student, windows, tuple(self.mean), tuple(self.std), self.device, batch_size)
+                return language_logits(emb.to(self.device), text, self.centre, bias)
+
+            for im in images:
+                scores = protocol_scores(score, im, im.shape[:2], self.evaluate, len(text), self.scales,
+                                         batch_size=batch_size)
+                out.append(scores.argmax(dim=1)[0].cpu().numpy())
+            return out
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
             for e, im in zip(self.embed(batch, batch_size), batch):

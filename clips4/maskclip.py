@@ -154,6 +154,12 @@ def dense_features(model: nn.Module, images: torch.Tensor, with_keys: bool = Tru
     return _resnet_dense(visual, images)
 
 
+def input_stride(model: nn.Module) -> int:
+    """The number every input side of the dense path must be a multiple of: a ViT's patch, 32 for a ResNet."""
+    visual = _visual(model)
+    return int(visual.patch_size[0]) if isinstance(visual, VisionTransformer) else 32
+
+
 @torch.no_grad()
 def cls_embedding(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The image embedding [B,D] through the same token pipeline, unmodified; equals ``model.encode_image``.

@@ -12,6 +12,16 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+# Statistics measured on a split without its labels (the student's embedding centre, the share floor) use at most
+# this many images, evenly strided, so a large dataset costs a bounded pass (the demo's 800 training images are all
+# used).
+STATISTICS_IMAGES = 1024
+
+
+def strided(n: int, max_images: int = STATISTICS_IMAGES) -> range:
+    """At most ``max_images`` of ``n`` image indices, evenly strided: a bounded pass over a large dataset."""
+    return range(0, n, -(-n // max_images))
+
 
 def sample_features(features, size: int, seed: int) -> np.ndarray:
     """``size`` dense vectors float32 [size,D] drawn uniformly over the images and positions of a [N,h,w,D] array

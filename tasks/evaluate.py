@@ -8,10 +8,11 @@ import shutil
 import pandas as pd
 from prefect import task
 
-from clips4.config import PipelineConfig
+from clips4.config import EvaluateConfig, PipelineConfig
 from clips4.data.io import read_image
 from clips4.device import resolve_device
 from clips4.harness import EvalInputs, Harness, Results, Split, maskclip_model, student_model
+from clips4.inference import embed_multiscale
 from clips4.visualize import embedding_comparison, overlay_grid, share_bars
 from clips4.storage import ArtifactFiles, Store, StoreError
 from clips4.tasks.common import StageResult, run_stage
@@ -41,7 +42,7 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
     if not records or any(r.label_path is None for r in records):
         raise ValueError(f"split {e.split!r} has no labelled images; set evaluate.split to a labelled split")
     teacher = student = centre = None
-    if e.test_scales != [1.0]:  # MaskCLIP at the test scales: a larger input sharpens the teacher's map too
+    if e.test_scales != [1.0] or e.protocol != "stored":  # MaskCLIP run again: at the test scales, on whole images
         clip = load_teacher(store.open(_teacher_key(store, upstream["features"])), device)
         teacher = maskclip_model(clip, size=cfg.features.resolution, device=device, batch_size=e.batch_size,
                                  amp=cfg.features.amp)
@@ -60,7 +61,7 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
     shutil.rmtree(files.file(CACHE), ignore_errors=True)  # never trust a cache a killed run left behind
     harness = Harness(inputs, e, device, files.file(CACHE))
     results = harness.run()
-    _tables(files, results, e.grid)
+    _tables(files, results, e)
     _pictures(files, harness, data, min(e.num_pictures, len(records)))
     shutil.rmtree(files.file(CACHE), ignore_errors=True)
     summary = {
@@ -75,7 +76,8 @@ def _teacher_key(store: Store, features_key: str) -> str:
     key = store.ancestor(features_key, "teacher")
     if key is None:
         raise StoreError(f"the teacher of {features_key} is not in {store.root}; evaluate.test_scales other than "
-                         "[1] run it again on the rescaled images: rerun the teacher stage or set evaluate.test_scales=[1]")
+                         "[1] and evaluate.protocol 'whole' or 'slide' run it again on the images: rerun the teacher "
+                         "stage, or set evaluate.test_scales=[1] and evaluate.protocol=stored")
     return key
 
 
@@ -83,7 +85,20 @@ def _markdown(table: pd.DataFrame) -> str:
     return table.to_markdown(index=False, floatfmt=".4g")
 
 
-def _tables(files: ArtifactFiles, results: Results, grid: int) -> None:
+def _protocol_note(e: EvaluateConfig) -> str:
+    """How the language task saw the images and labelled the background, for metrics.md."""
+    if e.protocol == "stored":
+        note = "each method's class scores at its own map size, upsampled to each label's size"
+    else:
+        resized = f"resized to a short side of {e.short_side} px" if e.short_side else "at their own size"
+        seen = f"{e.crop} px windows every {e.stride} px" if e.protocol == "slide" else "whole"
+        note = f"images {resized} (aspect ratio kept), seen {seen}, class scores resized to each label's original size"
+    if e.background == "threshold":
+        note += f"; class 0 (background) where no other class has a probability of {e.background_threshold:g}"
+    return note
+
+
+def _tables(files: ArtifactFiles, results: Results, e: EvaluateConfig) -> None:
     """metrics, summary and per_class tables (parquet + csv; metrics.md shows the summary under the metrics), and
     the share floor's calibration table and bars when there is one."""
     files.write_table("metrics", results.metrics, also=("csv",))
@@ -91,8 +106,8 @@ def _tables(files: ArtifactFiles, results: Results, grid: int) -> None:
     files.write_table("per_class", results.per_class, also=("csv",))
     files.file("metrics.md").write_text(
         f"{_markdown(results.metrics)}\n\n"
-        f"Language: each method's class scores at its own map size, upsampled to each label's size. Unsupervised "
-        f"and probe: every map resized (bilinear) to {grid}x{grid} first.\n\n"
+        f"Language: {_protocol_note(e)}. Unsupervised and probe: every map resized (bilinear) to "
+        f"{e.grid}x{e.grid} first.\n\n"
         f"Best MaskCLIP row per task and metric, and each clips4 row's gain over it (points):\n\n"
         f"{_markdown(results.summary)}\n"
     )
@@ -111,11 +126,12 @@ def _pictures(files: ArtifactFiles, harness: Harness, data: DataArtifact, n: int
     labels = [split.label(i) for i in range(n)]
     preds = {name: [harness.predict(name, i) for i in range(n)] for name in harness.rows("language")}
     overlay_grid(images, labels, preds, data.classes.names, data.classes.palette, files.file("overlays.png"))
-    if harness.inputs.student is not None:
-        shown = range(min(n, 3))
-        student = harness.embedder("clips4", tuple(harness.cfg.test_scales), "evaluated")
-        embedding_comparison(images[: len(shown)], [student([i])[0] for i in shown],
-                             [harness.maps("maskclip")([i])[0] for i in shown], files.file("embeddings.png"))
+    student = harness.inputs.student
+    if student is not None:  # embedded here, for the shown images only: 'whole' and 'slide' cache no student maps
+        shown = images[:3]
+        maps = embed_multiscale(student.encode, shown, student.size, harness.cfg.test_scales)
+        embedding_comparison(shown, list(maps), [harness.maps("maskclip")([i])[0] for i in range(len(shown))],
+                             files.file("embeddings.png"))
 
 
 @task(name="evaluate-stage")

@@ -15,11 +15,12 @@ from clips4.data.datasets import IMAGE_SUFFIXES, distinct_palette
 from clips4.data.io import BadImageError, check_pixels, read_image, write_png
 from clips4.data.records import IGNORE_INDEX
 from clips4.device import resolve_device
-from clips4.inference import Segmenter, parse_class_names, strided
+from clips4.inference import Segmenter, parse_class_names
 from clips4.progress import track
+from clips4.sampling import strided
 from clips4.visualize import blend_labels, share_bars
 from clips4.storage import Store, StoreError
-from clips4.calibration import FLOOR_IMAGES, new_class_floor, new_class_ids
+from clips4.calibration import new_class_floor, new_class_ids
 from clips4.evaluation import array_embedder
 from clips4.tasks.readers import DataArtifact, FeaturesArtifact, TrainArtifact, load_teacher
 
@@ -46,10 +47,11 @@ class Segmented:
     teacher: str
 
 
-def load_segmenter(store: Store, checkpoint: str | None, device: str = "auto",
-                   scales: Sequence[float] = (1.0,)) -> tuple[Segmenter, str, str]:
+def load_segmenter(store: Store, checkpoint: str | None, device: str = "auto", scales: Sequence[float] = (1.0,),
+                   evaluate: EvaluateConfig | None = None) -> tuple[Segmenter, str, str]:
     """The student of a train artifact and its teacher's text tower, with both artifacts' keys; images are embedded
-    at each of ``scales`` x the student's training input size and averaged (the evaluate stage's ``test_scales``)."""
+    at each of ``scales`` x the student's training input size and averaged (the evaluate stage's ``test_scales``),
+    or under ``evaluate``'s protocol 'whole' or 'slide' at each of ``scales`` x its short side."""
     key = resolve_train_key(store, checkpoint)
     dev = resolve_device(device)
     trained = TrainArtifact.open(store, key)
@@ -58,7 +60,8 @@ def load_segmenter(store: Store, checkpoint: str | None, device: str = "auto",
     if teacher_key is None:
         raise StoreError(f"the teacher that {key} was trained against is not in {store.root}; its text tower names classes")
     teacher = load_teacher(store.open(teacher_key), dev)
-    segmenter = Segmenter(model, teacher, info["input_size"], info["mean"], info["std"], dev, trained.centre(), scales)
+    segmenter = Segmenter(model, teacher, info["input_size"], info["mean"], info["std"], dev, trained.centre(), scales,
+                          evaluate or EvaluateConfig())
     return segmenter, key, teacher_key
 
 
@@ -87,7 +90,7 @@ def new_class_bias(store: Store, key: str, segmenter: Segmenter, text: torch.Ten
     bias, table = new_class_floor(
         array_embedder(features.features("train")),
         lambda idx: segmenter.embed([read_image(records[i].image_path) for i in idx], batch_size),
-        strided(len(records), FLOOR_IMAGES), batch_size, text, segmenter.centre, new,
+        strided(len(records)), batch_size, text, segmenter.centre, new,
         [" | ".join(n) for n in names], floor, defaults.calibration_pixels, defaults.seed, segmenter.device,
     )
     table.to_csv(out / "calibration.csv", index=False)
@@ -164,12 +167,13 @@ def _read_input(path: Path) -> np.ndarray:
 def segment_files(
     store: Store, images: list[Path], classes: str, out: Path, checkpoint: str | None = None, device: str = "auto",
     batch_size: int = 8, scales: Sequence[float] = (1.0,), new_class_floor: float = 0.0,
-    max_pixels: int | None = None,
+    max_pixels: int | None = None, evaluate: EvaluateConfig | None = None,
 ) -> Segmented:
     """Segment the user's images (files, or folders searched recursively) into the named classes, each under
-    ``out`` at its path relative to the inputs (:func:`collect_images`). Names the student was not trained on get
-    the share floor ``new_class_floor`` (:func:`new_class_bias`). Every input is checked before the model loads:
-    it must exist, map to its own outputs, and have at most ``max_pixels`` pixels (None: no limit)."""
+    ``out`` at its path relative to the inputs (:func:`collect_images`), seen as ``evaluate``'s protocol says
+    (:func:`load_segmenter`). Names the student was not trained on get the share floor ``new_class_floor``
+    (:func:`new_class_bias`). Every input is checked before the model loads: it must exist, map to its own outputs,
+    and have at most ``max_pixels`` pixels (None: no limit)."""
     sources = collect_images(images, out)
     try:
         for path, _ in sources:
@@ -177,7 +181,7 @@ def segment_files(
     except BadImageError as err:
         raise _unusable(err) from None
     names = parse_class_names(classes)
-    segmenter, key, teacher_key = load_segmenter(store, checkpoint, device, scales)
+    segmenter, key, teacher_key = load_segmenter(store, checkpoint, device, scales, evaluate)
     text = segmenter.class_embeddings(names)
     palette = distinct_palette(len(names))
     out.mkdir(parents=True, exist_ok=True)
@@ -193,10 +197,12 @@ def segment_files(
 
 
 def export_split(store: Store, split: str, out: Path, checkpoint: str | None = None, device: str = "auto",
-                 batch_size: int = 8, scales: Sequence[float] = (1.0,), new_class_floor: float = 0.0) -> Segmented:
+                 batch_size: int = 8, scales: Sequence[float] = (1.0,), new_class_floor: float = 0.0,
+                 evaluate: EvaluateConfig | None = None) -> Segmented:
     """Masks of every image of a dataset split, named by image id, with the dataset's class names (held-out ones
-    included, with the share floor ``new_class_floor``: :func:`new_class_bias`)."""
-    segmenter, key, teacher_key = load_segmenter(store, checkpoint, device, scales)
+    included, with the share floor ``new_class_floor``: :func:`new_class_bias`), seen as ``evaluate``'s protocol
+    says (:func:`load_segmenter`)."""
+    segmenter, key, teacher_key = load_segmenter(store, checkpoint, device, scales, evaluate)
     data_key = store.ancestor(key, "data")
     if data_key is None:
         raise StoreError(f"the data artifact that {key} was trained on is not in {store.root}; rerun the data stage")

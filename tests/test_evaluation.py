@@ -37,6 +37,17 @@ def toy_split(seed: int, images: int = 6, noise: float = 0.15):
     return F.normalize(emb, dim=1).half(), labels.to(torch.uint8), directions
 
 
+def reader(emb: torch.Tensor, labels: torch.Tensor, asked: list[list[int]] | None = None):
+    """(read, number of images) of in-memory tensors for :func:`train_linear_probe`; ``asked`` records each request."""
+
+    def read(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if asked is not None:
+            asked.append(list(idx))
+        return emb[idx], labels[idx]
+
+    return read, len(emb)
+
+
 def test_cosine_logits_and_shape_checks():
     emb = F.normalize(torch.randn(2, D, 3, 5), dim=1)
     text = F.normalize(torch.randn(K, D), dim=1)
@@ -134,14 +145,14 @@ def test_unsupervised_segmentation_finds_the_toy_clusters():
 def test_linear_probe_learns_a_separable_toy_problem():
     train_emb, train_labels, _ = toy_split(3, images=12, noise=0.2)
     probe = train_linear_probe(
-        train_emb, resize_labels(train_labels, (8, 8)), K, epochs=15, lr=0.5, seed=0, device=CPU, batch_size=4
+        *reader(train_emb, resize_labels(train_labels, (8, 8))), K, epochs=15, lr=0.5, seed=0, device=CPU, batch_size=4
     )
     assert probe.weight.shape == (K, D, 1, 1)
     val_emb, val_labels, _ = toy_split(4, images=6, noise=0.2)
     scores, _ = score_classifier([(val_emb, val_labels)], probe, K, CPU)
     assert scores["mIoU"] > 0.95
     with pytest.raises(ValueError, match="resize_labels"):
-        train_linear_probe(train_emb, train_labels, K, 1, 0.1, 0, CPU)
+        train_linear_probe(*reader(train_emb, train_labels), K, 1, 0.1, 0, CPU)
 
 
 def test_probe_learns_on_standardised_channels_whatever_the_embedding_scale():
@@ -153,15 +164,58 @@ def test_probe_learns_on_standardised_channels_whatever_the_embedding_scale():
     squeezed = lambda x: 0.001 * x.float() + 0.5  # noqa: E731
     scores = []
     for transform in (lambda x: x.float(), squeezed):
-        probe = train_linear_probe(transform(train_emb), train_labels, K, epochs=2, lr=0.2, seed=0, device=CPU,
-                                   batch_size=4)
+        probe = train_linear_probe(*reader(transform(train_emb), train_labels), K, epochs=2, lr=0.2, seed=0,
+                                   device=CPU, batch_size=4)
         scores.append(score_classifier([(transform(val_emb), val_labels)], probe, K, CPU)[0]["mIoU"])
     assert scores[0] > 0.95 and abs(scores[0] - scores[1]) < 1e-6
 
 
+def _probe_in_memory(emb: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float, seed: int,
+                     batch_size: int) -> torch.nn.Conv2d:
+    """The probe as it trains with the whole split in memory: moments over one tensor, batches indexed from it."""
+    flat = emb.double().permute(1, 0, 2, 3).flatten(1)
+    mean, std = flat.mean(1), flat.std(1, unbiased=False)
+    mean, std = mean.float(), torch.where(std > 1e-6, std, torch.ones_like(std)).float()
+    probe = torch.nn.Conv2d(D, K, 1)
+    torch.nn.init.zeros_(probe.weight)
+    torch.nn.init.zeros_(probe.bias)
+    optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * -(-len(emb) // batch_size))
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(emb), generator=generator).split(batch_size):
+            x = (emb[idx].float() - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+            loss = F.cross_entropy(probe(x), labels[idx].long(), ignore_index=255)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    with torch.no_grad():
+        weight = probe.weight / std.view(1, -1, 1, 1)
+        probe.bias -= (weight.flatten(1) * mean).sum(1)
+        probe.weight.copy_(weight)
+    return probe
+
+
+def test_the_streamed_probe_matches_the_probe_trained_in_memory():
+    """Same images per batch, same order, same moments: the two differ by float rounding only (the moments summed
+    batch by batch rather than at once, a batch's images in ascending order), hence the 1e-5 tolerance."""
+    emb, labels, _ = toy_split(6, images=11, noise=0.3)  # 11 images in batches of 4: a short last batch
+    labels = resize_labels(labels, (8, 8))
+    asked: list[list[int]] = []
+    streamed = train_linear_probe(*reader(emb, labels, asked), K, epochs=3, lr=0.3, seed=7, device=CPU, batch_size=4)
+    expected = _probe_in_memory(emb, labels, epochs=3, lr=0.3, seed=7, batch_size=4)
+    torch.testing.assert_close(streamed.weight, expected.weight, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(streamed.bias, expected.bias, rtol=1e-5, atol=1e-5)
+    assert max(len(idx) for idx in asked) == 4  # never more than one batch in memory
+    assert len(asked) == 3 + 3 * 3  # three batches in order for the moments, then three per epoch
+    assert all(sorted(sum(asked[start : start + 3], [])) == list(range(11)) for start in range(0, len(asked), 3))
+    assert not torch.equal(streamed.weight, _probe_in_memory(emb, labels, 3, 0.3, 8, 4).weight)  # seed orders
+
+
 def test_channel_moments_over_all_pixels_in_chunks():
     emb = torch.randn(5, 3, 4, 2, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.0]).view(1, 3, 1, 1)
-    mean, std = channel_moments(emb.half(), CPU, chunk=2)
+    mean, std = channel_moments(emb.half().split(2), CPU)
     flat = emb.half().double().permute(1, 0, 2, 3).flatten(1)
     torch.testing.assert_close(mean, flat.mean(1).float())
     torch.testing.assert_close(std[:2], flat[:2].std(1, unbiased=False).float(), rtol=1e-4, atol=1e-5)
@@ -171,7 +225,7 @@ def test_channel_moments_over_all_pixels_in_chunks():
 def test_probe_skips_batches_with_only_ignored_pixels():
     emb, labels, _ = toy_split(5, images=2)
     labels = torch.full((2, 8, 8), 255, dtype=torch.uint8)
-    probe = train_linear_probe(emb, labels, K, epochs=1, lr=0.1, seed=0, device=CPU)
+    probe = train_linear_probe(*reader(emb, labels), K, epochs=1, lr=0.1, seed=0, device=CPU)
     assert np.allclose(probe.weight.detach().numpy(), 0)
 
 

@@ -107,7 +107,7 @@ def test_a_run_scores_every_row_and_summarises_the_gains(tmp_path) -> None:
     assert len(results.per_class) == K * len(metrics[metrics["metric"] == "mIoU"])
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
         "clips4@1+2x-evaluated.npy", "clips4@1+2x-train.npy", "clips4@1x-evaluated.npy", "clips4@1x-train.npy",
-        "maskclip@1+2x-evaluated.npy", "maskclip@1+2x-train.npy",
+        f"labels@{SIDE}-train.npy", "maskclip@1+2x-evaluated.npy", "maskclip@1+2x-train.npy",
     ]
     # One floor per test-time row; the student's columns are those `clips4 segment` writes.
     assert list(results.calibration.columns) == [
@@ -131,11 +131,25 @@ def test_unsupervised_and_probe_see_every_map_on_one_grid(monkeypatch) -> None:
         seen.setdefault("shapes", set()).update(tuple(emb.shape[-2:]) for emb, _ in batches)
         return real(batches, *args, **kwargs)
 
+    real_probe = harness_module.train_linear_probe
+
+    def probe_spy(read, num_images, *args, **kwargs):
+        def spied(idx):
+            emb, labels = read(idx)
+            seen.setdefault("probe", set()).add((len(idx), *emb.shape[-2:], *labels.shape[-2:]))
+            return emb, labels
+
+        return real_probe(spied, num_images, *args, **kwargs)
+
     monkeypatch.setattr(harness_module, "unsupervised_segmentation", spy)
-    harness = Harness(toy_inputs(), settings(grid=6, tasks=["unsupervised"]), CPU)
+    monkeypatch.setattr(harness_module, "train_linear_probe", probe_spy)
+    harness = Harness(toy_inputs(), settings(grid=6, tasks=["unsupervised", "probe"]), CPU)
     for name in harness.rows("unsupervised"):  # MaskCLIP's stored map is 4x4, the student's 8x8
         harness.score(name, "unsupervised")
+        harness.score(name, "probe")
     assert seen["shapes"] == {(6, 6)}
+    assert {shape[1:] for shape in seen["probe"]} == {(6, 6, 6, 6)}  # maps and labels on the grid
+    assert max(shape[0] for shape in seen["probe"]) <= 16  # streamed a batch at a time
     assert to_grid(torch.zeros(1, D, 4, 4), 6).shape == (1, D, 6, 6)
 
 
