@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from clips4.config import ConfigError, list_presets, reference_markdown, resolve_config, to_yaml
+from clips4.config import ConfigError, EvaluateConfig, list_presets, reference_markdown, resolve_config, to_yaml
 from clips4.storage import Manifest, Store, StoreError, human_bytes
 from clips4.tasks.stages import STAGES
 
@@ -41,7 +41,11 @@ CheckpointOpt = Annotated[Optional[str], typer.Option(help="Train artifact key o
 OutOpt = Annotated[Path, typer.Option(help="Output folder.")]
 DeviceOpt = Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")]
 FloorOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Share floor for class names the student was not trained on: each keeps at least this fraction of MaskCLIP's share of the training images' pixels (the demo evaluates with 0.25; evaluate.new_class_floor). 0 turns it off.")]
-ScaleOpt = Annotated[Optional[list[float]], typer.Option(help="Input scale: images are resized to this multiple of the student's training size; repeat it to average the embeddings over several scales (the demo evaluates at --scale 2 --scale 3 --scale 4). Default 1.")]
+ScaleOpt = Annotated[Optional[list[float]], typer.Option(help="Input scale: images are resized to this multiple of the student's training size (with --protocol whole or slide: of the short side); repeat it to average over several scales (the demo evaluates at --scale 2 --scale 3 --scale 4). Default 1.")]
+ProtocolOpt = Annotated[Optional[str], typer.Option(help="How the student sees each image (evaluate.protocol): 'stored' squashes it to the student's square training input (default), 'whole' resizes it keeping its aspect ratio (--short-side), 'slide' also runs the student on overlapping windows (--crop, --stride).")]
+ShortSideOpt = Annotated[Optional[int], typer.Option(help="With --protocol whole or slide: resize each image, aspect ratio kept, to this short side in pixels (evaluate.short_side); default: its own size.")]
+CropOpt = Annotated[Optional[int], typer.Option(help="With --protocol slide: window side in pixels (evaluate.crop; default 224).")]
+StrideOpt = Annotated[Optional[int], typer.Option(help="With --protocol slide: pixels between windows, at most --crop (evaluate.stride; default 112).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. train.lr=0.02 (repeatable).")]
 
 
@@ -150,6 +154,13 @@ def load_config(preset: str | None, config: Path | None, overrides: list[str] | 
         return resolve_config(preset, config, overrides or [])
     except ConfigError as e:
         fail(str(e))
+
+
+def protocol_settings(protocol: str | None, short_side: int | None, crop: int | None,
+                      stride: int | None) -> EvaluateConfig:
+    """The evaluate section with the protocol options given on the command line, validated as any config is."""
+    given = {"protocol": protocol, "short_side": short_side, "crop": crop, "stride": stride}
+    return load_config(None, None, [f"evaluate.{k}={v}" for k, v in given.items() if v is not None]).evaluate
 
 
 # ------------------------------------------------------------------------------------------------------- config
@@ -342,6 +353,73 @@ def run(
         run_pipeline(preset, str(config) if config else None, set_, chosen, force, store, console)
 
 
+def split_overrides(overrides: list[str] | None, names: list[str]) -> dict[str, list[str]]:
+    """Each run's overrides: every plain one, then those whose key starts with its name and a colon
+    (``voc20:data.root=DIR`` sets voc20's data.root only)."""
+    own: dict[str, list[str]] = {name: [] for name in names}
+    shared = []
+    for text in overrides or []:
+        name, colon, rest = text.partition("=")[0].partition(":")
+        if not colon:
+            shared.append(text)
+        elif name in own:
+            own[name].append(text.split(":", 1)[1])
+        else:
+            fail(f"override {text!r} names {name!r}, which is not one of the runs ({', '.join(names)})")
+    return {name: shared + mine for name, mine in own.items()}
+
+
+@app.command("benchmark")
+def benchmark(
+    presets: Annotated[Optional[str], typer.Option(help="Comma-separated presets, e.g. voc20,context59 (`clips4 config presets` lists them).")] = None,
+    config: Annotated[Optional[list[Path]], typer.Option("--config", "-c", help="A YAML config file to run as well (repeatable); its name field, else its file name, names its rows.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override for every run, e.g. teacher.pretrained=FILE; NAME:section.field=value for the run NAME only (a preset, or a config file's name without .yaml), e.g. voc20:data.root=DIR (repeatable).")] = None,
+    stages: Annotated[Optional[str], typer.Option(help="Comma-separated stages to run for each; must include evaluate (default: all).")] = None,
+    force: Annotated[Optional[str], typer.Option(help="Recompute this stage and everything after it, for each.")] = None,
+    out: OutOpt = Path("benchmark"),
+    store: StoreOpt = None,
+) -> None:
+    """Run several presets (and config files) into one store and write one table of their evaluations (a row per
+    run and method, a column per metric) to OUT/benchmark.csv and OUT/benchmark.md.
+
+    They run one after another, reusing every artifact that is already complete; rerun to resume.
+    """
+    sources = [(name.strip(), None) for name in (presets or "").split(",") if name.strip()]
+    sources += [(None, str(path)) for path in config or []]
+    names = [preset or Path(file).stem for preset, file in sources]
+    if not names or len(set(names)) < len(names):
+        fail(f"give --presets and/or --config, each once (got {', '.join(names) or 'none'}); e.g. "
+             "--presets voc20,context59")
+    overrides = split_overrides(set_, names)
+    runs = [(preset, file, overrides[name]) for (preset, file), name in zip(sources, names)]
+    cfgs = [load_config(preset, Path(file) if file else None, sets) for preset, file, sets in runs]  # before Prefect
+    if len({cfg.name for cfg in cfgs}) < len(cfgs):
+        fail(f"two runs share a name ({', '.join(cfg.name for cfg in cfgs)}); give each config file its own name field")
+    chosen = [s.strip() for s in stages.split(",")] if stages else list(STAGES)
+    if "evaluate" not in chosen:
+        fail("a benchmark compares evaluations: --stages must include evaluate")
+    from clips4.tasks.preflight import PreflightError, preflight_presets
+    from clips4.tasks.train import torchrun_rank
+
+    if torchrun_rank() > 0:
+        fail("clips4 benchmark runs in one process; train a preset on several GPUs with torchrun ... clips4 run")
+    try:  # every run's checks, and room for all of them, before Prefect starts
+        preflight_presets(cfgs, chosen, force, open_store(store))
+    except (PreflightError, StoreError) as e:
+        fail(str(e))
+    from clips4.flows.pipeline import BENCHMARK, run_benchmark
+    from clips4.flows.server import terminal_without_tracebacks
+
+    if not debugging():
+        terminal_without_tracebacks()
+    written_roots.extend([open_store(store).root, out])
+    with user_errors():
+        table = run_benchmark(runs, chosen, force, store, out, console)
+    console.print(table.drop(columns="evaluate").to_markdown(index=False, floatfmt=".4g"), markup=False,
+                  highlight=False)
+    console.print(f"wrote {out / BENCHMARK}.csv and {out / BENCHMARK}.md")
+
+
 @app.command("segment")
 def segment(
     images: Annotated[list[Path], typer.Argument(help="Image files, or folders searched recursively for images; outputs mirror their paths relative to the folder that holds them all.")],
@@ -353,6 +431,10 @@ def segment(
     scale: ScaleOpt = None,
     new_class_floor: FloorOpt = 0.0,
     max_pixels: Annotated[Optional[int], typer.Option(min=0, help="Refuse images with more pixels, from their header, before the model loads (default: the default of data.max_pixels, 50 million); 0: no limit.")] = None,
+    protocol: ProtocolOpt = None,
+    short_side: ShortSideOpt = None,
+    crop: CropOpt = None,
+    stride: StrideOpt = None,
 ) -> None:
     """Label maps (colour mask and raw ids; 16-bit ids past 255 classes) and overlays for your own images, with any
     class names."""
@@ -360,11 +442,12 @@ def segment(
     from clips4.tasks.segment import segment_files
 
     limit = DataConfig().max_pixels if max_pixels is None else max_pixels or None
+    settings = protocol_settings(protocol, short_side, crop, stride)
     st = open_store(store)
     written_roots.append(out)
     with user_errors():
         done = segment_files(st, images, classes, out, checkpoint, device, scales=scale or [1.0],
-                             new_class_floor=new_class_floor, max_pixels=limit)
+                             new_class_floor=new_class_floor, max_pixels=limit, evaluate=settings)
     console.print(f"used student {done.student} and teacher {done.teacher} from {st.root}")
     console.print(f"wrote masks and overlays of {len(done.masks)} image(s) to {out}")
 
@@ -378,14 +461,20 @@ def export_masks(
     store: StoreOpt = None,
     scale: ScaleOpt = None,
     new_class_floor: FloorOpt = 0.0,
+    protocol: ProtocolOpt = None,
+    short_side: ShortSideOpt = None,
+    crop: CropOpt = None,
+    stride: StrideOpt = None,
 ) -> None:
     """Masks of a whole dataset split, with the dataset's class names (held-out classes included)."""
     from clips4.tasks.segment import export_split
 
+    settings = protocol_settings(protocol, short_side, crop, stride)
     st = open_store(store)
     written_roots.append(out)
     with user_errors():
-        done = export_split(st, split, out, checkpoint, device, scales=scale or [1.0], new_class_floor=new_class_floor)
+        done = export_split(st, split, out, checkpoint, device, scales=scale or [1.0], new_class_floor=new_class_floor,
+                            evaluate=settings)
     console.print(f"used student {done.student} and teacher {done.teacher} from {st.root}")
     console.print(f"wrote masks of {len(done.masks)} image(s) of split {split} to {out}")
 

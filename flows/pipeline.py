@@ -13,10 +13,12 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+import pandas as pd  # noqa: E402
 from prefect import flow  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.concurrency.sync import concurrency  # noqa: E402
@@ -25,13 +27,14 @@ from prefect.flows import Flow  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from clips4.atomic import atomic_write  # noqa: E402
 from clips4.config import ConfigError, PipelineConfig, resolve_config  # noqa: E402
 from clips4.flows.server import interruptible, prefect_api  # noqa: E402
 from clips4.storage import Store  # noqa: E402
 from clips4.tasks.common import StageResult, plan_keys  # noqa: E402
 from clips4.tasks.stages import BY_NAME, STAGES, forced_stages  # noqa: E402
 from clips4.tasks.preflight import PreflightError, check_force, check_stages, preflight  # noqa: E402
-from clips4.tasks.report import publish_run_summary  # noqa: E402
+from clips4.tasks.report import benchmark_table, publish_run_summary  # noqa: E402
 
 GPU_LIMIT = "clips4-gpu"  # Prefect global concurrency limit that GPU-bound stages take a slot of, when it exists
 
@@ -183,10 +186,7 @@ def run_pipeline(
     with interruptible(), prefect_api(console.print):
         rows = clips4_pipeline(preset, config_file, overrides, stages, force, store)
     results = [StageResult(**r) for r in rows]
-    table = Table("stage", "status", "key", "seconds", title="stages")
-    for r in results:
-        table.add_row(r.stage, "reused" if r.reused else "computed", r.key, f"{r.seconds:.1f}")
-    console.print(table)
+    console.print(stage_table(results, "stages"))
     evaluate = next((r for r in results if r.stage == "evaluate"), None)
     if evaluate is not None:
         files = Store(store).open(evaluate.key)
@@ -194,3 +194,43 @@ def run_pipeline(
             console.print(files.file("metrics.md").read_text(), markup=False, highlight=False)
     console.print(f"store: {Store(store).root}")
     return results
+
+
+def stage_table(results: list[StageResult], title: str) -> Table:
+    """What each stage of a run did: reused or computed, its key and its time."""
+    table = Table("stage", "status", "key", "seconds", title=title)
+    for r in results:
+        table.add_row(r.stage, "reused" if r.reused else "computed", r.key, f"{r.seconds:.1f}")
+    return table
+
+
+BENCHMARK = "benchmark"  # the combined table's file name, written as .csv and .md
+
+
+def run_benchmark(
+    runs: list[tuple[str | None, str | None, list[str]]],
+    stages: list[str],
+    force: str | None,
+    store: str | None,
+    out: Path,
+    console: Console,
+) -> pd.DataFrame:
+    """The pipeline of each (preset, config file, overrides), one after another into one store under one Prefect
+    server, then one table of their evaluations (:func:`~clips4.tasks.report.benchmark_table`) as
+    ``out/benchmark.csv`` and ``out/benchmark.md``. A rerun reuses every artifact that is already complete."""
+    evaluated = []
+    with interruptible(), prefect_api(console.print):
+        for preset, config_file, overrides in runs:
+            cfg = load_run_config(preset, config_file, overrides)
+            results = [StageResult(**r) for r in clips4_pipeline(preset, config_file, overrides, stages, force, store)]
+            console.print(stage_table(results, f"stages of {cfg.name}"))
+            key = next(r.key for r in results if r.stage == "evaluate")
+            evaluated.append((cfg, key, Store(store).open(key).read_table("metrics")))
+    table = benchmark_table(evaluated)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / f"{BENCHMARK}.csv", lambda tmp: table.to_csv(tmp, index=False))
+    markdown = table.to_markdown(index=False, floatfmt=".4g")
+    atomic_write(out / f"{BENCHMARK}.md", lambda tmp: tmp.write_text(
+        f"{markdown}\n\nStore: `{Store(store).root}`; the evaluate column is each run's evaluation artifact.\n"
+    ))
+    return table

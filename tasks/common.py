@@ -87,6 +87,16 @@ def _weights_identity(path: Path) -> str:
     return "missing"
 
 
+def _class_file_identity(name: str) -> str:
+    """A class-name file by its bytes; 'missing' lets preflight say what is wrong."""
+    from clips4.data.datasets import DatasetError, locate_class_file
+
+    try:
+        return "sha256:" + hashlib.sha256(locate_class_file(name).read_bytes()).hexdigest()
+    except DatasetError:
+        return "missing"
+
+
 def content_identity(cfg: PipelineConfig, stage: str) -> dict[str, str]:
     """What the config names by path, identified by content: a path keeps its key only while its content stays.
 
@@ -98,6 +108,8 @@ def content_identity(cfg: PipelineConfig, stage: str) -> dict[str, str]:
     if stage == "data" and cfg.data.dataset != "synthetic" and cfg.data.root is not None:
         root = cfg.data.root.expanduser()
         identity["data.root"] = f"listing:{listing_fingerprint(root)}" if root.is_dir() else "missing"
+    if stage == "data" and cfg.data.classes is not None:
+        identity["data.classes"] = _class_file_identity(cfg.data.classes)
     if stage == "teacher" and cfg.teacher.train == "none":
         if cfg.teacher.model.startswith("local-dir:"):
             identity["teacher.model"] = _weights_identity(Path(cfg.teacher.model.removeprefix("local-dir:")))

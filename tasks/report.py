@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from clips4.config import PipelineConfig
+from clips4.config import EvaluateConfig, PipelineConfig
 from clips4.storage import Store
 from clips4.tasks.common import StageResult
 from clips4.tasks.observe import best_effort
@@ -37,6 +37,29 @@ def metric_table(metrics: pd.DataFrame) -> pd.DataFrame:
     wide = cells.pivot(index="method", columns="column", values="value")
     wide = wide.reindex(index=pd.unique(cells["method"]), columns=pd.unique(cells["column"]))
     return wide.rename_axis(index="method", columns=None).reset_index()
+
+
+def protocol_label(e: EvaluateConfig) -> str:
+    """How the language task saw the images, in a few words, for a table that compares presets."""
+    side = f"short side {e.short_side}" if e.short_side else "own size"
+    text = {"stored": "stored maps", "whole": f"whole, {side}", "slide": f"slide {e.crop}/{e.stride}, {side}"}
+    background = f", background below {e.background_threshold:g}" if e.background == "threshold" else ""
+    return text[e.protocol] + background
+
+
+def benchmark_table(runs: list[tuple[PipelineConfig, str, pd.DataFrame]]) -> pd.DataFrame:
+    """One row per (preset, method) of each (config, evaluate key, metrics table): the benchmark and its protocol,
+    then :func:`metric_table`'s columns; a metric that a preset did not compute stays empty."""
+    frames = []
+    for cfg, key, metrics in runs:
+        wide = metric_table(metrics)
+        about = {"preset": cfg.name, "dataset": cfg.data.dataset, "split": cfg.evaluate.split,
+                 "protocol": protocol_label(cfg.evaluate)}
+        for i, (column, value) in enumerate(about.items()):
+            wide.insert(i, column, value)
+        frames.append(wide.assign(evaluate=key))
+    table = pd.concat(frames, ignore_index=True)
+    return table[[c for c in table.columns if c != "evaluate"] + ["evaluate"]]
 
 
 def loss_table(losses: pd.DataFrame, rows: int = LOSS_ROWS) -> pd.DataFrame:

@@ -7,11 +7,12 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY
+from conftest import tiny_cli, tiny_config
 from typer.testing import CliRunner
 
 from clips4.tasks.stages import STAGES
@@ -61,9 +62,12 @@ def test_run_refuses_unknown_stage() -> None:
     assert result.exit_code != 0 and "bogus" in result.output
 
 
-def test_console_script_installed() -> None:
-    out = subprocess.run([sys.executable, "-m", "clips4.flows.cli", "store", "ls", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "--json" in out.stdout
+def test_the_installed_clips4_script_runs() -> None:
+    """The console script pip installs beside this interpreter ([project.scripts] in pyproject.toml)."""
+    script = Path(sysconfig.get_path("scripts")) / "clips4"
+    assert script.is_file(), f"{script} is missing: install the package (pip install -e .) into this environment"
+    out = subprocess.run([str(script), "store", "ls", "--help"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "--json" in out.stdout, out.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------- one line per error
@@ -88,6 +92,7 @@ def _one_error_line(done: subprocess.CompletedProcess, needle: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_refusals_before_any_run_are_one_error_line(tmp_path, child_env) -> None:
     (tmp_path / "bad.yaml").write_text("train: [steps: 3\n")
     _one_error_line(_cli(child_env, "config", "show", "--config", str(tmp_path / "bad.yaml")), "bad.yaml")
@@ -177,8 +182,7 @@ def test_an_error_inside_a_prefect_task_ends_with_its_own_line_and_no_traceback(
     script.write_text(INJECT)
     env = {**child_env, "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("CLIPS4_DEBUG", None)
-    sets = [a for o in TINY for a in ("--set", o)]
-    args = ["run", "--preset", "demo", *sets, "--stages", "data", "--store", str(tmp_path / "store")]
+    args = ["run", *tiny_cli(), "--stages", "data", "--store", str(tmp_path / "store")]
 
     done = _cli(env, *args, script=[str(script)])
     lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -190,3 +194,40 @@ def test_an_error_inside_a_prefect_task_ends_with_its_own_line_and_no_traceback(
     debug = _cli(env, "--debug", *args, script=[str(script)])
     assert debug.returncode == 1 and "Traceback" in debug.stderr, debug.stderr[-3000:]
     assert debug.stderr.strip().splitlines()[-1] == lines[-1]
+
+
+@pytest.mark.slow
+def test_benchmark_runs_each_config_into_one_store_and_writes_one_table(tmp_path, prefect_harness) -> None:
+    """Two tiny synthetic configs that differ in the split they evaluate, set per run: the second reuses every
+    stage but evaluate, the shared --set reaches both, and one table holds a row per run and method."""
+    import pandas as pd
+
+    from clips4.config import to_yaml
+
+    tree = yaml.safe_load(to_yaml(tiny_config()))
+    tree.pop("name")  # each run is named by its file
+    for name in ("tiny-val", "tiny-test"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(tree))
+    store, out = tmp_path / "store", tmp_path / "out"
+    args = ["benchmark", "--config", str(tmp_path / "tiny-val.yaml"), "--config", str(tmp_path / "tiny-test.yaml"),
+            "--set", "evaluate.tasks=[language]", "--set", "tiny-val:evaluate.split=val",
+            "--set", "tiny-test:evaluate.split=test", "--store", str(store), "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+    table = pd.read_csv(out / "benchmark.csv")
+    assert list(table.columns[:5]) == ["preset", "dataset", "split", "protocol", "method"]
+    assert table["evaluate"].nunique() == 2 and len(Store(store).list("evaluate")) == 2
+    assert len(Store(store).list("train")) == 1  # the second run reused the first one's student
+    for name, split in (("tiny-val", "val"), ("tiny-test", "test")):
+        rows = table[table["preset"] == name]
+        assert set(rows["split"]) == {split} and set(rows["dataset"]) == {"synthetic"}
+        assert {"maskclip", "clips4"} <= set(rows["method"])
+        metrics = Store(store).open(rows["evaluate"].iloc[0]).read_table("metrics")
+        clips4 = metrics[(metrics["method"] == "clips4") & (metrics["metric"] == "mIoU")]["value"].item()
+        assert rows.loc[rows["method"] == "clips4", "language mIoU"].item() == pytest.approx(clips4, abs=1e-9)
+    assert not any(c.startswith(("unsupervised", "probe")) for c in table.columns)  # the shared --set reached both
+    markdown = (out / "benchmark.md").read_text()
+    assert markdown.count("| tiny-") == len(table) and "language mIoU" in markdown
+    refused = runner.invoke(app, ["benchmark", "--presets", "demo", "--set", "voc20:data.root=/x"])
+    assert refused.exit_code == 2 and "names 'voc20', which is not one of the runs (demo)" in refused.output

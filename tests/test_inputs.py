@@ -14,12 +14,12 @@ import pytest
 from PIL import Image
 from test_datasets import write_jpg, write_voc
 
-from clips4.config import DataConfig, resolve_config
+from clips4.config import DataConfig
 from clips4.data.datasets import get_dataset, voc_palette
 from clips4.data.io import BadImageError, check_pixels, read_image, read_label_png, write_png
 from clips4.data.validate import BadInputError, validate_records
 from clips4.storage import Store
-from conftest import TINY
+from conftest import tiny_config
 
 RAMP = np.array([[0, 255, 256, 257, 32768, 65535]], dtype=np.uint16)
 RAMP_8BIT = [0, 0, 1, 1, 128, 255]  # the high byte: 65535 -> 255, 32768 -> 128
@@ -120,7 +120,7 @@ def test_a_label_drawn_on_the_sideways_pixels_is_reported(tmp_path: Path) -> Non
     root = write_voc(tmp_path / "VOC", {"train": ["sideways"]})
     write_sideways_jpg(root / "JPEGImages" / "sideways.jpg")
     write_png(root / "SegmentationClass" / "sideways.png", np.zeros((16, 32), np.uint8), palette=voc_palette())
-    ds = get_dataset(DataConfig(dataset="voc", root=root))
+    ds = get_dataset(DataConfig(dataset="voc21", root=root))
     (problem,) = validate_records(ds.records("train"), ds, "skip").problems
     assert "label is 32x16 (WxH)" in problem.problem and "16x32" in problem.problem
     assert "EXIF orientation" in problem.problem
@@ -144,7 +144,7 @@ def test_a_decompression_bomb_is_refused_from_its_header(tmp_path: Path) -> None
 def test_the_limit_covers_label_maps_too(tmp_path: Path) -> None:
     root = write_voc(tmp_path / "VOC", {"train": ["a", "b"]})  # 6x8 images
     Image.new("P", (40, 40)).save(root / "SegmentationClass" / "b.png")
-    ds = get_dataset(DataConfig(dataset="voc", root=root))
+    ds = get_dataset(DataConfig(dataset="voc21", root=root))
     report = validate_records(ds.records("train"), ds, "skip", max_pixels=100)
     assert [r.image_id for r in report.good] == ["a"]
     (problem,) = report.problems
@@ -172,8 +172,8 @@ def test_the_data_stage_stores_what_a_viewer_shows_and_says_what_it_skipped(tmp_
     Image.fromarray(np.full((20, 20), 40000, np.uint16)).save(root / "deep.png")
     write_sideways_jpg(root / "phone.jpg")
     write_bomb(root / "zz_bomb.png")
-    cfg = resolve_config("demo", overrides=[*TINY, "data.dataset=imagefolder", f"data.root={root}",
-                                            "data.splits=[train]", "data.held_out=[]", "data.on_bad_input=skip"])
+    cfg = tiny_config("data.dataset=imagefolder", f"data.root={root}", "data.splits=[train]", "data.held_out=[]",
+                      "data.on_bad_input=skip")
     store = tmp_path / "store"
     with caplog.at_level(logging.WARNING, logger="clips4"):
         result = data_task.fn(cfg, str(store), {})

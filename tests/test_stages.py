@@ -15,7 +15,7 @@ def test_every_upstream_comes_earlier_and_every_task_imports() -> None:
 
 
 def test_config_decides_conditional_edges_and_keys_follow_them() -> None:
-    synthetic, released = resolve_config("demo"), resolve_config("voc")
+    synthetic, released = resolve_config("demo"), resolve_config("voc20")
     teacher = STAGE_TABLE[STAGES.index("teacher")]
     assert teacher.reads(synthetic) == ["data"] and teacher.reads(released) == []
     keys = plan_keys(synthetic, ["evaluate"])

@@ -30,7 +30,7 @@ def voc_with_bad_files(tmp_path: Path):
     write_png(root / "SegmentationClass" / "c_wrong_size.png", label_of([1], (4, 9)), palette=voc_palette())
     write_png(root / "SegmentationClass" / "d_out_of_range.png", label_of([1, 37]), palette=voc_palette())
     (root / "SegmentationClass" / "e_no_label.png").unlink()
-    ds = get_dataset(DataConfig(dataset="voc", root=root))
+    ds = get_dataset(DataConfig(dataset="voc21", root=root))
     return ds, ds.records("train")
 
 

@@ -1,26 +1,36 @@
 """Dataset adapters: each reads one dataset's own on-disk layout into records, class metadata and train-id labels.
 
-``data.root`` points at the folder named first in each layout:
+Each benchmark variant is its own adapter, named as the field names it; ``data.root`` points at the folder named
+first in each layout. 255 is the ignore value of every train-id label.
 
-- voc: ``VOC2012/`` with ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette PNGs: the stored index is
-  the class, 255 = boundary) and ``ImageSets/Segmentation/<split>.txt``. With ``data.sbd_aug`` the train split reads
+- voc20, voc21: ``VOC2012/`` with ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette PNGs: the stored
+  index is the class, 0 = background, 255 = boundary) and ``ImageSets/Segmentation/<split>.txt``. voc21 keeps the
+  21 ids as stored; voc20 ignores the background (0 -> 255, v -> v - 1). With ``data.sbd_aug`` the train split reads
   ``ImageSets/Segmentation/train_aug.txt`` and labels from ``SegmentationClassAug/<id>.png`` (the DeepLab release).
-- context: ``VOC2010/`` as prepared by mmsegmentation's Pascal Context converter: ``JPEGImages/<id>.jpg``,
-  ``SegmentationClassContext/<id>.png`` (0 = background, 1..59 = the 59 classes) and
-  ``ImageSets/SegmentationContext/<split>.txt``. Background is ignored (stored 0 -> 255, v -> v - 1).
-- cocostuff: ``images/<split>2017/<id>.jpg`` with ``annotations/<split>2017/<id>_labelTrainIds.png`` (0..170,
-  255 = unlabelled; mmsegmentation's converter) or, where those are absent, the official stuffthingmaps
-  ``<id>.png`` (COCO category id - 1, 255 = unlabelled), mapped to the same 171 ids. ``data.coarse``: 27 classes.
-- cityscapes: ``leftImg8bit/<split>/<city>/<x>_leftImg8bit.png`` and ``gtFine/<split>/<city>/<x>_gtFine_labelIds.png``,
-  mapped to the 19 train ids by the official label table; ``data.coarse``: the 27 non-void classes (ids 7..33) of
-  the unsupervised protocol.
+- context59, context60: ``VOC2010/`` as prepared by mmsegmentation's Pascal Context converter:
+  ``JPEGImages/<id>.jpg``, ``SegmentationClassContext/<id>.png`` (0 = background, 1..59 = the 59 classes) and
+  ``ImageSets/SegmentationContext/<split>.txt``. context60 keeps 0 as the background class; context59 ignores it.
+- cocoobject: the COCO-Stuff 164k folder with ``images/<split>2017/<id>.jpg`` and the COCO-Object labels
+  ``annotations/<split>2017/<id>_instanceTrainIds.png`` that GroupViT's converter (used by TCL, SCLIP and NACLIP)
+  writes from the stuffthingmaps: 0 = background (every stuff class and unlabelled pixels), 1..80 = the 80 thing
+  classes in COCO category order, 255 (where present) ignored. Where they are absent, the stuffthingmaps ``<id>.png``
+  are converted the same way as they are read.
+- cocostuff171, cocostuff27: ``images/<split>2017/<id>.jpg`` with ``annotations/<split>2017/<id>_labelTrainIds.png``
+  (0..170, 255 = unlabelled; mmsegmentation's converter) or, where those are absent, the official stuffthingmaps
+  ``<id>.png`` (COCO category id - 1, 255 = unlabelled), mapped to the same 171 ids; cocostuff27 maps those to the
+  27 coarse classes of the unsupervised protocol (``cocostuff171_to_27.txt``).
+- cityscapes, cityscapes27: ``leftImg8bit/<split>/<city>/<x>_leftImg8bit.png`` and
+  ``gtFine/<split>/<city>/<x>_gtFine_labelIds.png``, mapped to the 19 train ids by the official label table;
+  cityscapes27: the 27 non-void classes (ids 7..33) of the unsupervised protocol.
 - ade20k: ``ADEChallengeData2016/`` (or its parent) with ``images/{training,validation}/*.jpg`` and
   ``annotations/{training,validation}/*.png``; split train -> training, val -> validation; 0 ("other") is ignored.
 - imagefolder: any folder. Every image (jpg, jpeg, png, bmp, webp; recursive; hidden files skipped) is in *every*
   requested split, because unlabelled data has no split of its own. No labels and no classes.
 - synthetic: the generated world (docs/method.md §8), written under the ``root`` the caller passes.
 
-Records of a split are sorted by image id; ``data.max_images`` keeps the first N.
+Class names come from the adapter's file in ``clips4/data/classes`` (one class per line in label-id order, synonyms
+separated by `` | ``), or from ``data.classes``. Records of a split are sorted by image id; ``data.max_images`` keeps
+the first N.
 """
 
 from __future__ import annotations
@@ -29,8 +39,9 @@ import colorsys
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +66,8 @@ CITYSCAPES_FIRST_NONVOID = 7  # label ids 7..33 are the 27 classes of the unsupe
 # COCO category ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91 were never annotated; stuffthingmaps store id - 1.
 COCO_UNUSED_RAW_IDS: tuple[int, ...] = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
 COCO_NUM_RAW_IDS = 182
+COCO_FIRST_STUFF_RAW_ID = 91  # stuffthingmaps store the 80 thing classes below 91 and the 91 stuff classes from it
+COCO_STUFF_CLASSES = COCO_NUM_RAW_IDS - len(COCO_UNUSED_RAW_IDS)  # 171
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -64,16 +77,37 @@ class DatasetError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------- class metadata
-def _data_lines(filename: str) -> list[str]:
-    """Non-empty lines of a file in ``clips4/data/classes``, ``#`` comments removed."""
-    text = resources.files("clips4.data").joinpath("classes", filename).read_text(encoding="utf-8")
+def locate_class_file(name: str) -> Traversable:
+    """A class-name file: a bare file name shipped in ``clips4/data/classes``, else a path on disk."""
+    shipped = resources.files("clips4.data").joinpath("classes", name)
+    if Path(name).name == name and shipped.is_file():
+        return shipped
+    path = Path(name).expanduser()
+    if not path.is_file():
+        shipped_names = sorted(f.name for f in resources.files("clips4.data").joinpath("classes").iterdir()
+                               if f.name.endswith(".txt"))
+        raise DatasetError(
+            f"class-name file {name!r} does not exist; give a file shipped with clips4 ({', '.join(shipped_names)}) "
+            "or the path of your own (one class per line in label-id order, synonyms separated by ' | ')"
+        )
+    return path
+
+
+def _data_lines(name: str) -> list[str]:
+    """Non-empty lines of a class-name or table file (see :func:`locate_class_file`), ``#`` comments removed."""
+    text = locate_class_file(name).read_text(encoding="utf-8")
     lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
     return [line for line in lines if line]
 
 
-def load_class_file(filename: str) -> list[list[str]]:
+def load_class_file(name: str) -> list[list[str]]:
     """One class per line in class-id order, synonyms separated by `` | ``; the first is the display name."""
-    return [[name.strip() for name in line.split("|")] for line in _data_lines(filename)]
+    classes = [[synonym.strip() for synonym in line.split("|")] for line in _data_lines(name)]
+    for class_id, synonyms in enumerate(classes):
+        if not all(synonyms):
+            raise DatasetError(f"class-name file {name}: class {class_id} ({' | '.join(synonyms)}) has an empty name; "
+                               "write one name between each pair of ' | '")
+    return classes
 
 
 def cocostuff_coarse_table() -> np.ndarray:
@@ -180,6 +214,11 @@ def _reduce_zero_table(num_classes: int) -> np.ndarray:
     return np.concatenate([[IGNORE_INDEX], np.arange(num_classes)])
 
 
+def _zero_codec(num_classes: int, keeps_background: bool) -> LabelCodec:
+    """Labels that store the background as 0: kept as class 0 (the class list starts with it), or ignored."""
+    return LabelCodec(np.arange(num_classes) if keeps_background else _reduce_zero_table(num_classes))
+
+
 def _coco_raw_table() -> np.ndarray:
     """stuffthingmaps value (COCO category id - 1) -> contiguous 0..170; never-annotated ids -> ignore."""
     table = np.full(COCO_NUM_RAW_IDS, IGNORE_INDEX, dtype=np.int64)
@@ -194,12 +233,26 @@ class Dataset(ABC):
 
     name: str
     layout: str  # what data.root must hold, for error messages
+    class_file: str | None = None  # its class names in clips4/data/classes; None: the classes are not a file's
     classes: ClassInfo
     codec: LabelCodec
 
     def __init__(self, cfg: DataConfig, root: Path) -> None:
         self.cfg = cfg
         self.root = Path(root)
+
+    def _class_names(self) -> list[list[str]]:
+        """The names in data.classes, else in the dataset's own file; either way one line per label id."""
+        own = load_class_file(self.class_file)
+        if self.cfg.classes is None:
+            return own
+        chosen = load_class_file(self.cfg.classes)
+        if len(chosen) != len(own):
+            raise DatasetError(
+                f"data.classes {self.cfg.classes} lists {len(chosen)} classes but {self.name} labels have {len(own)}; "
+                f"give one line per label id in id order (as {self.class_file} does)"
+            )
+        return chosen
 
     def _set_classes(
         self,
@@ -253,24 +306,29 @@ class Dataset(ABC):
         return [Record(i, split, str(image_dir / f"{i}.jpg"), str(label_dir / f"{i}.png")) for i in ids]
 
 
-class VocDataset(Dataset):
-    name = "voc"
+class Voc21Dataset(Dataset):
+    """Pascal VOC 2012 with its 21 ids as stored: 0 is the background class."""
+
+    name = "voc21"
+    class_file = "voc21.txt"
     layout = "the VOC2012 folder holding JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/"
     DEFAULT_HELD_OUT = ("potted plant", "sheep", "sofa", "train", "tv monitor")
+    KEEPS_BACKGROUND = True
 
     def __init__(self, cfg: DataConfig, root: Path) -> None:
         super().__init__(cfg, root)
-        synonyms = load_class_file("voc.txt")
-        codec = LabelCodec(np.arange(len(synonyms)))
-        self._set_classes(synonyms, codec, self.DEFAULT_HELD_OUT, voc_palette(len(synonyms)))
+        synonyms = self._class_names()
+        palette = voc_palette(len(synonyms) + 1)[0 if self.KEEPS_BACKGROUND else 1 :]  # the colour of each stored id
+        self._set_classes(synonyms, _zero_codec(len(synonyms), self.KEEPS_BACKGROUND), self.DEFAULT_HELD_OUT, palette)
 
     def _records(self, split: str) -> list[Record]:
         sets = self.root / "ImageSets" / "Segmentation"
         if split == "train" and self.cfg.sbd_aug:
             if not (self.root / "SegmentationClassAug").is_dir():
                 raise DatasetError(
-                    f"voc: data.sbd_aug is set but {self.root / 'SegmentationClassAug'} does not exist; add the SBD "
-                    "augmented labels there (with ImageSets/Segmentation/train_aug.txt) or set data.sbd_aug=false"
+                    f"{self.name}: data.sbd_aug is set but {self.root / 'SegmentationClassAug'} does not exist; add "
+                    "the SBD augmented labels there (with ImageSets/Segmentation/train_aug.txt) or set "
+                    "data.sbd_aug=false"
                 )
             return self._listed(
                 split, sets / "train_aug.txt", self.root / "JPEGImages", self.root / "SegmentationClassAug"
@@ -278,8 +336,19 @@ class VocDataset(Dataset):
         return self._listed(split, sets / f"{split}.txt", self.root / "JPEGImages", self.root / "SegmentationClass")
 
 
-class ContextDataset(Dataset):
-    name = "context"
+class Voc20Dataset(Voc21Dataset):
+    """Pascal VOC 2012 without its background: stored 0 is ignored, 1..20 become 0..19."""
+
+    name = "voc20"
+    class_file = "voc20.txt"
+    KEEPS_BACKGROUND = False
+
+
+class Context60Dataset(Dataset):
+    """Pascal Context with 0 as the background class and the 59 classes as stored (1..59)."""
+
+    name = "context60"
+    class_file = "context60.txt"
     layout = (
         "the VOC2010 folder holding JPEGImages/, SegmentationClassContext/ and ImageSets/SegmentationContext/ "
         "(as prepared by mmsegmentation's pascal_context converter)"
@@ -287,11 +356,12 @@ class ContextDataset(Dataset):
     DEFAULT_HELD_OUT = (
         "cow", "motorbike", "sofa", "cat", "boat", "fence", "bird", "tv monitor", "keyboard", "aeroplane",
     )  # fmt: skip
+    KEEPS_BACKGROUND = True
 
     def __init__(self, cfg: DataConfig, root: Path) -> None:
         super().__init__(cfg, root)
-        synonyms = load_class_file("context59.txt")
-        self._set_classes(synonyms, LabelCodec(_reduce_zero_table(len(synonyms))), self.DEFAULT_HELD_OUT)
+        synonyms = self._class_names()
+        self._set_classes(synonyms, _zero_codec(len(synonyms), self.KEEPS_BACKGROUND), self.DEFAULT_HELD_OUT)
 
     def _records(self, split: str) -> list[Record]:
         return self._listed(
@@ -302,27 +372,49 @@ class ContextDataset(Dataset):
         )
 
 
-class CocoStuffDataset(Dataset):
-    name = "cocostuff"
+class Context59Dataset(Context60Dataset):
+    """Pascal Context without its background: stored 0 is ignored, 1..59 become 0..58."""
+
+    name = "context59"
+    class_file = "context59.txt"
+    KEEPS_BACKGROUND = False
+
+
+def _coco_records(
+    split: str, image_dir: Path, label_dir: Path, label_names: Callable[[str], list[str]]
+) -> list[Record]:
+    """One record per ``<id>.jpg``, labelled by the first of ``label_names(id)`` stored in ``label_dir``."""
+    stored = {entry.name for entry in os.scandir(label_dir)}
+    records = []
+    for image in image_dir.glob("*.jpg"):
+        names = label_names(image.stem)
+        label = next((name for name in names if name in stored), names[0])
+        records.append(Record(image.stem, split, str(image), str(label_dir / label)))
+    return records
+
+
+class CocoStuff171Dataset(Dataset):
+    """COCO-Stuff 164k with its 171 classes, from mmsegmentation's train-id labels or the official stuffthingmaps."""
+
+    name = "cocostuff171"
+    class_file = "cocostuff171.txt"
     layout = "the COCO-Stuff 164k folder holding images/{train,val}2017/ and annotations/{train,val}2017/"
-    DEFAULT_HELD_OUT = (
+    DEFAULT_HELD_OUT: tuple[str, ...] = (
         "cow", "giraffe", "suitcase", "frisbee", "skateboard", "carrot", "scissors", "cardboard", "clouds", "grass",
         "playingfield", "river", "road", "tree", "concrete wall",
     )  # fmt: skip
     TRAIN_IDS_SUFFIX = "_labelTrainIds.png"
+    TO_COARSE = False
 
     def __init__(self, cfg: DataConfig, root: Path) -> None:
         super().__init__(cfg, root)
-        fine = load_class_file("cocostuff171.txt")
-        self.train_ids_codec = LabelCodec(np.arange(len(fine)))
+        self.train_ids_codec = LabelCodec(np.arange(COCO_STUFF_CLASSES))
         self.raw_codec = LabelCodec(_coco_raw_table())
-        if cfg.coarse:  # the held-out protocol is defined on the fine classes only
+        if self.TO_COARSE:
             coarse = cocostuff_coarse_table()
             self.train_ids_codec = self.train_ids_codec.then(coarse)
             self.raw_codec = self.raw_codec.then(coarse)
-            self._set_classes(load_class_file("cocostuff27.txt"), self.train_ids_codec)
-        else:
-            self._set_classes(fine, self.train_ids_codec, self.DEFAULT_HELD_OUT)
+        self._set_classes(self._class_names(), self.train_ids_codec, self.DEFAULT_HELD_OUT)
 
     def _codec_for(self, path: str) -> LabelCodec:
         return self.train_ids_codec if path.endswith(self.TRAIN_IDS_SUFFIX) else self.raw_codec
@@ -330,28 +422,62 @@ class CocoStuffDataset(Dataset):
     def _records(self, split: str) -> list[Record]:
         image_dir = self._require_dir(split, self.root / "images" / f"{split}2017")
         label_dir = self._require_dir(split, self.root / "annotations" / f"{split}2017")
-        stored = {entry.name for entry in os.scandir(label_dir)}
-        records = []
-        for image in image_dir.glob("*.jpg"):
-            label = image.stem + self.TRAIN_IDS_SUFFIX
-            if label not in stored and f"{image.stem}.png" in stored:
-                label = f"{image.stem}.png"
-            records.append(Record(image.stem, split, str(image), str(label_dir / label)))
-        return records
+        return _coco_records(split, image_dir, label_dir, lambda i: [i + self.TRAIN_IDS_SUFFIX, f"{i}.png"])
 
 
-class CityscapesDataset(Dataset):
-    name = "cityscapes"
-    layout = "the Cityscapes folder holding leftImg8bit/ and gtFine/"
+class CocoStuff27Dataset(CocoStuff171Dataset):
+    """COCO-Stuff's 171 classes merged into the 27 coarse classes of the unsupervised protocol; no default held-out
+    classes (the held-out protocol is defined on the fine classes)."""
+
+    name = "cocostuff27"
+    class_file = "cocostuff27.txt"
+    DEFAULT_HELD_OUT = ()
+    TO_COARSE = True
+
+
+class CocoObjectDataset(Dataset):
+    """COCO-Object: COCO-Stuff 164k's images with 0 = background (every stuff class and unlabelled pixels) and
+    1..80 = the thing classes, from the converted ``_instanceTrainIds.png`` labels or, where those are absent,
+    derived the same way from the stuffthingmaps."""
+
+    name = "cocoobject"
+    class_file = "cocoobject.txt"
+    layout = "the COCO-Stuff 164k folder holding images/{train,val}2017/ and annotations/{train,val}2017/"
+    LABEL_SUFFIX = "_instanceTrainIds.png"
+    UNLABELLED = COCO_NUM_RAW_IDS  # where a stuffthingmap's 255 (unlabelled) is looked up: the converter's background
 
     def __init__(self, cfg: DataConfig, root: Path) -> None:
         super().__init__(cfg, root)
-        if cfg.coarse:
-            num = len(CITYSCAPES_TRAIN_IDS) - CITYSCAPES_FIRST_NONVOID
-            table = [IGNORE_INDEX] * CITYSCAPES_FIRST_NONVOID + list(range(num))
-            self._set_classes(load_class_file("cityscapes27.txt"), LabelCodec(table))
-        else:
-            self._set_classes(load_class_file("cityscapes.txt"), LabelCodec(CITYSCAPES_TRAIN_IDS))
+        synonyms = self._class_names()
+        self._set_classes(synonyms, LabelCodec(np.arange(len(synonyms))))
+        things = _coco_raw_table()[: COCO_FIRST_STUFF_RAW_ID]
+        table = np.zeros(self.UNLABELLED + 1, dtype=np.int64)  # stuff and unlabelled -> background 0
+        table[: len(things)] = np.where(things == IGNORE_INDEX, IGNORE_INDEX, things + 1)
+        self.raw_codec = LabelCodec(table)
+
+    def read_label(self, path: str) -> np.ndarray:
+        if path.endswith(self.LABEL_SUFFIX):
+            return super().read_label(path)
+        raw = read_label_png(path)
+        return self.raw_codec.decode(np.where(raw == IGNORE_INDEX, self.UNLABELLED, raw), path)
+
+    def _records(self, split: str) -> list[Record]:
+        image_dir = self._require_dir(split, self.root / "images" / f"{split}2017")
+        label_dir = self._require_dir(split, self.root / "annotations" / f"{split}2017")
+        return _coco_records(split, image_dir, label_dir, lambda i: [i + self.LABEL_SUFFIX, f"{i}.png"])
+
+
+class CityscapesDataset(Dataset):
+    """Cityscapes' label ids mapped to the 19 train ids of the official label table."""
+
+    name = "cityscapes"
+    class_file = "cityscapes.txt"
+    layout = "the Cityscapes folder holding leftImg8bit/ and gtFine/"
+    TABLE: tuple[int, ...] = CITYSCAPES_TRAIN_IDS
+
+    def __init__(self, cfg: DataConfig, root: Path) -> None:
+        super().__init__(cfg, root)
+        self._set_classes(self._class_names(), LabelCodec(self.TABLE))
 
     def _records(self, split: str) -> list[Record]:
         image_dir = self._require_dir(split, self.root / "leftImg8bit" / split)
@@ -364,15 +490,28 @@ class CityscapesDataset(Dataset):
         return records
 
 
+class Cityscapes27Dataset(CityscapesDataset):
+    """Cityscapes' 27 non-void classes (label ids 7..33) of the unsupervised protocol."""
+
+    name = "cityscapes27"
+    class_file = "cityscapes27.txt"
+    TABLE = (IGNORE_INDEX,) * CITYSCAPES_FIRST_NONVOID + tuple(
+        range(len(CITYSCAPES_TRAIN_IDS) - CITYSCAPES_FIRST_NONVOID)
+    )
+
+
 class Ade20kDataset(Dataset):
+    """ADE20K's 150 classes; stored 0 ("other") is ignored."""
+
     name = "ade20k"
+    class_file = "ade20k.txt"
     layout = "the ADEChallengeData2016 folder (or its parent) holding images/ and annotations/"
     SPLIT_FOLDERS = {"train": "training", "val": "validation"}
 
     def __init__(self, cfg: DataConfig, root: Path) -> None:
         nested = Path(root) / "ADEChallengeData2016"
         super().__init__(cfg, nested if nested.is_dir() else root)
-        synonyms = load_class_file("ade20k.txt")
+        synonyms = self._class_names()
         self._set_classes(synonyms, LabelCodec(_reduce_zero_table(len(synonyms))))
 
     def _records(self, split: str) -> list[Record]:
@@ -436,8 +575,8 @@ class SyntheticDataset(Dataset):
 ADAPTERS: dict[str, type[Dataset]] = {
     cls.name: cls
     for cls in (
-        VocDataset, ContextDataset, CocoStuffDataset, CityscapesDataset, Ade20kDataset, ImageFolderDataset,
-        SyntheticDataset,
+        Voc20Dataset, Voc21Dataset, Context59Dataset, Context60Dataset, CocoObjectDataset, CocoStuff171Dataset,
+        CocoStuff27Dataset, CityscapesDataset, Cityscapes27Dataset, Ade20kDataset, ImageFolderDataset, SyntheticDataset,
     )
 }  # fmt: skip
 
@@ -453,4 +592,6 @@ def get_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
         )
     if adapter is not SyntheticDataset and not Path(root).is_dir():
         raise DatasetError(f"data.root {root} does not exist; dataset {cfg.dataset!r} needs {adapter.layout}")
+    if cfg.classes is not None and adapter.class_file is None:
+        raise DatasetError(f"data.classes names label classes, which dataset {cfg.dataset!r} has not; unset it")
     return adapter(cfg, Path(root))
