@@ -19,6 +19,11 @@ from torch import nn
 StudentName = Literal["small_cnn", "resnet50", "resnet101"]
 DEFAULT_CONTEXT = (1, 1)
 RESNET_HEAD_HIDDEN = 512
+# torchvision's ImageNet weights of each ResNet student; train.backbone_weights takes the file their url names.
+IMAGENET_WEIGHTS = {
+    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V2,
+    "resnet101": torchvision.models.ResNet101_Weights.IMAGENET1K_V2,
+}
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -66,7 +71,7 @@ class ResNetTrunk(nn.Module):
         factory = torchvision.models.resnet50 if depth == 50 else torchvision.models.resnet101
         net = factory(weights=None, replace_stride_with_dilation=[False, True, True])
         if weights is not None:
-            load_backbone_weights(net, Path(weights))
+            load_backbone_weights(net, Path(weights), f"resnet{depth}")
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layers = nn.Sequential(net.layer1, net.layer2, net.layer3, net.layer4)
         self.out_channels = net.fc.in_features
@@ -75,26 +80,39 @@ class ResNetTrunk(nn.Module):
         return self.layers(self.stem(x))
 
 
-def load_backbone_weights(net: nn.Module, path: Path) -> None:
-    """Load a local torchvision ResNet state dict (the classifier `fc.*` is not needed and may be absent)."""
+def imagenet_weights_hint(student: str) -> str:
+    """Where a ResNet student's ImageNet weights come from and how to give them (the file is never downloaded here)."""
+    return (f"download torchvision's ImageNet weights ({IMAGENET_WEIGHTS[student].url}) and set "
+            "train.backbone_weights to that file")
+
+
+def load_backbone_weights(net: nn.Module, path: Path, student: str) -> None:
+    """Load a local torchvision ResNet state dict, as torchvision saves it (its classifier `fc.*` is not needed)."""
     if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file {path} does not exist; set train.backbone_weights to a "
-                                "local torchvision state-dict file, or to null for random initialisation")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"backbone weights file {path} does not exist; {imagenet_weights_hint(student)}, "
+                                "or set it to null for random initialisation")
+    wrong = f"backbone weights file {path} is not {student} weights"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - no torch file, a pickled whole model, ...: the same fix for the user
+        raise ValueError(f"{wrong} (torch.load reads no state dict from it: {type(err).__name__}); "
+                         f"{imagenet_weights_hint(student)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"backbone weights file {path} does not hold a state dict (got {type(state).__name__})")
+        raise ValueError(f"{wrong} (it holds a {type(state).__name__}, not a state dict); "
+                         f"{imagenet_weights_hint(student)}")
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
-    problem = f"backbone weights file {path} does not match the torchvision {type(net).__name__}"
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"{problem}: {err}") from None
+    except RuntimeError as err:  # shape mismatches, one line each
+        shapes = [line.strip().rstrip(".") for line in str(err).splitlines() if "size mismatch" in line] or [str(err)]
+        more = f" and {len(shapes) - 1} more" if len(shapes) > 1 else ""
+        raise ValueError(f"{wrong} ({shapes[0]}{more}); {imagenet_weights_hint(student)}") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
-        raise ValueError(f"{problem}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        raise ValueError(f"{wrong} (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                         f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}); {imagenet_weights_hint(student)}")
 
 
 class PixelEncoder(nn.Module):

@@ -1,10 +1,11 @@
 """The frozen CLIP teacher: any open_clip model, loaded the way open_clip loads it, or pre-trained here.
 
 Weights come from an open_clip pretrained tag, a local checkpoint file, or a Hugging Face Hub repo (``hf-hub:``) /
-local folder (``local-dir:``) in open_clip's own layout. The synthetic world has no real CLIP, so
-:func:`pretrain_synthetic` trains a small open_clip model from scratch on its captions with open_clip's contrastive
-loss; :func:`save_teacher` stores the result in the hf-hub layout so it loads back through the same open_clip path
-as a user's checkpoint.
+local folder (``local-dir:``) in open_clip's own layout. A local file of OpenAI's CLIP release (its TorchScript
+archive, or a state dict of it) loads with the QuickGELU activation OpenAI trained with. The synthetic world has no
+real CLIP, so :func:`pretrain_synthetic` trains a small open_clip model from scratch on its captions with open_clip's
+contrastive loss; :func:`save_teacher` stores the result in the hf-hub layout so it loads back through the same
+open_clip path as a user's checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,8 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.factory import load_state_dict as open_clip_state_dict
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -39,6 +45,9 @@ SCHEMA_PREFIXES = ("hf-hub:", "local-dir:")
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 RESUME_FILE = "last.pt"
+# Entries of OpenAI's CLIP release (its TorchScript archives, and state dicts taken from them) that no open_clip model
+# has; open_clip drops them from TorchScript archives only.
+OPENAI_METADATA_KEYS = frozenset({"input_resolution", "context_length", "vocab_size"})
 # Short captions for one class, used by the caption augmentation of pre-training.
 SINGLE_CLASS_TEMPLATES = ("a photo of a {}.", "{}.", "an image with a {}.", "the {}.")
 
@@ -80,8 +89,6 @@ def _checkpoint_header_error(path: Path) -> str | None:
     """Why ``path`` is not a checkpoint file, read from its first bytes only (None when it looks like one)."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 f.keys()
             return None
@@ -93,6 +100,109 @@ def _checkpoint_header_error(path: Path) -> str | None:
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         return None
     return "it is neither a zip archive (torch.save, TorchScript) nor a pickle"
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zips with a top-level ``constants.pkl`` (torch.load tells them apart the same way)."""
+    if path.suffix == ".safetensors" or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+
+
+def _state_dict_keys(path: Path) -> set[str]:
+    """The names in a state-dict checkpoint, unwrapped as open_clip unwraps it; tensors stay on disk (memory-mapped)
+    where the format allows."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                return set(f.keys())
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as err:  # noqa: BLE001 - any failure to read it means the same to the user
+        reason = re.split(r"(?<=\.)\s", (str(err).strip().splitlines() or [""])[0])[0]  # its first sentence
+        raise TeacherLoadError(f"teacher checkpoint {path} is not a readable checkpoint ({type(err).__name__}: "
+                               f"{reason}); set teacher.pretrained to an intact state-dict file") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise TeacherLoadError(f"teacher checkpoint {path} holds a {type(state).__name__}, not a state dict; "
+                               "set teacher.pretrained to a file saved from model.state_dict()")
+    return {str(k).removeprefix("module.") for k in state}
+
+
+def _openai_release(path: Path) -> str | None:
+    """How ``path`` shows itself to be OpenAI's CLIP release, or None when it does not."""
+    if _is_torchscript(path):
+        return "a TorchScript archive, the form OpenAI releases CLIP in"
+    if OPENAI_METADATA_KEYS <= _state_dict_keys(path):
+        return f"a state dict with OpenAI's {', '.join(sorted(OPENAI_METADATA_KEYS))} entries"
+    return None
+
+
+def _folder_quick_gelu(path: Path) -> tuple[bool | None, str]:
+    """Whether the ``open_clip_config.json`` of the hf-hub folder ``path`` sits in records QuickGELU (None when there
+    is none), and that record in words."""
+    config = path.parent / CONFIG_FILE
+    if not config.is_file():
+        return None, ""
+    try:
+        model_cfg = json.loads(config.read_text())["model_cfg"]
+        quick_gelu = bool(model_cfg.get("quick_gelu", False))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise TeacherLoadError(f"{config}, beside teacher checkpoint {path}, is not an open_clip config ({err!r}); "
+                               "fix it or move the checkpoint out of that folder") from None
+    return quick_gelu, f"{config} records quick_gelu={str(quick_gelu).lower()}"
+
+
+def checkpoint_activation(model: str, path: Path) -> tuple[bool, str | None]:
+    """Whether checkpoint ``path`` loads into ``model`` with QuickGELU, and how it is OpenAI's release (or None).
+
+    OpenAI trained CLIP with QuickGELU and open_clip picks it only for the ``openai`` tag, so OpenAI's release, or the
+    hf-hub folder config beside the file, decides it; otherwise the model name does (``ViT-B-16-quickgelu`` says
+    QuickGELU). A QuickGELU name for a checkpoint recorded as GELU is an error, not a silent change.
+    """
+    openai = _openai_release(path)
+    if openai:
+        return True, openai
+    named = bool((open_clip.get_model_config(model) or {}).get("quick_gelu", False))
+    recorded, record = _folder_quick_gelu(path)
+    if recorded is None or recorded == named:
+        return named, None
+    if named:
+        raise TeacherLoadError(
+            f"teacher.model {model} uses QuickGELU but teacher checkpoint {path} was trained with GELU ({record}); "
+            f"set teacher.model to the architecture without QuickGELU ({model.removesuffix('-quickgelu')})"
+        )
+    return True, None
+
+
+@contextmanager
+def _weights_follow() -> Iterator[None]:
+    """Silence open_clip's 'initialized randomly' warning for a model whose weights are loaded right after."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def _load_openai_release(model: str, path: Path, device: torch.device) -> nn.Module:
+    """OpenAI's release (TorchScript, or a state dict of it) in the named open_clip architecture, with QuickGELU."""
+    if _is_torchscript(path):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=FutureWarning)
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    else:
+        state = open_clip_state_dict(str(path))
+    with _weights_follow():
+        net = open_clip.create_model(model, force_quick_gelu=True)
+    net.load_state_dict({k: v for k, v in state.items() if k not in OPENAI_METADATA_KEYS})  # fp16 is cast to fp32
+    return net.to(device)
 
 
 def check_teacher_source(model: str, pretrained: str | None) -> None:
@@ -128,6 +238,7 @@ def check_teacher_source(model: str, pretrained: str | None) -> None:
         if problem:
             raise TeacherLoadError(f"teacher checkpoint {path} is not a readable checkpoint ({problem}); "
                                    "set teacher.pretrained to an intact checkpoint file")
+        checkpoint_activation(model, path)
         return
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained not in tags:
@@ -153,8 +264,14 @@ def _create_open_clip(model: str, pretrained: str | None, device: torch.device) 
         return open_clip.create_model(model, device=device)
     if is_checkpoint_path(pretrained):
         path = Path(pretrained).expanduser()
+        quick_gelu, openai = checkpoint_activation(model, path)
+        if quick_gelu:
+            log.info("teacher checkpoint %s loads into %s with QuickGELU%s", path, model,
+                     f" ({openai})" if openai else "")
         try:
-            return open_clip.create_model(model, pretrained=str(path), device=device)
+            if openai:
+                return _load_openai_release(model, path, device)
+            return open_clip.create_model(model, pretrained=str(path), device=device, force_quick_gelu=quick_gelu)
         except Exception as err:
             raise TeacherLoadError(f"teacher checkpoint {path} could not be loaded into {model}: {err}") from err
     # OpenAI's weights were trained with QuickGELU; open_clip only warns when the architecture config disagrees

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 
-from clips4.student import build_student
+from clips4.student import build_student, load_backbone_weights
 
 
 def test_small_cnn_gives_unit_stride_two_map_and_trains():
@@ -38,23 +38,67 @@ def test_resnet_student_is_dilated_with_split_learning_rates():
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
 
 
-def test_resnet_backbone_weights_load_from_a_local_file(tmp_path: Path):
+@pytest.fixture(scope="module")
+def resnet50() -> torchvision.models.ResNet:
+    """A torchvision ResNet-50 whose BatchNorm statistics differ from a fresh one's, so loading them shows."""
     torch.manual_seed(1)
-    reference = torchvision.models.resnet50(weights=None)
-    path = tmp_path / "resnet50.pth"
-    torch.save(reference.state_dict(), path)
-    model = build_student("resnet50", out_dim=8, backbone_weights=path)
-    torch.testing.assert_close(model.backbone.stem[0].weight, reference.conv1.weight)
-    torch.testing.assert_close(model.backbone.layers[3][2].conv3.weight, reference.layer4[2].conv3.weight)
+    net = torchvision.models.resnet50(weights=None)
+    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    return net
 
 
-def test_bad_backbone_weights_are_named(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
-        build_student("resnet50", out_dim=8, backbone_weights=tmp_path / "missing.pth")
-    wrong = tmp_path / "wrong.pth"
-    torch.save({"conv1.weight": torch.zeros(1)}, wrong)
-    with pytest.raises(ValueError, match="wrong.pth"):
-        build_student("resnet50", out_dim=8, backbone_weights=wrong)
+@pytest.mark.parametrize("batch_counts", [True, False], ids=["with", "without-num-batches-tracked"])
+def test_resnet_backbone_weights_load_from_a_torchvision_imagenet_file(tmp_path: Path, resnet50, batch_counts: bool):
+    """A state dict as torchvision publishes it (resnet50-11ad3fa6.pth): the trunk, its BatchNorm statistics and the
+    ImageNet classifier; older files carry no num_batches_tracked."""
+    reference = resnet50
+    state = {k: v for k, v in reference.state_dict().items() if batch_counts or "num_batches_tracked" not in k}
+    assert {"fc.weight", "fc.bias"} <= set(state)
+    path = tmp_path / "resnet50-11ad3fa6.pth"
+    torch.save(state, path)
+    trunk = build_student("resnet50", out_dim=8, backbone_weights=path).backbone
+    torch.testing.assert_close(trunk.stem[0].weight, reference.conv1.weight)
+    torch.testing.assert_close(trunk.stem[1].running_mean, reference.bn1.running_mean)
+    torch.testing.assert_close(trunk.layers[3][2].conv3.weight, reference.layer4[2].conv3.weight)
+    torch.testing.assert_close(trunk.layers[3][2].bn3.running_var, reference.layer4[2].bn3.running_var)
+
+
+def _bad_backbone_file(kind: str, path: Path) -> None:
+    if kind == "not-torch":
+        path.write_text("not weights")
+    elif kind == "pickled-model":
+        torch.save(torchvision.models.resnet18(weights=None), path)
+    elif kind == "resnet18":
+        torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    elif kind == "partial":
+        torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, path)
+    else:
+        torch.save(torch.zeros(3), path)
+
+
+@pytest.fixture(scope="module")
+def scratch() -> torchvision.models.ResNet:
+    """A ResNet-50 that refused files may have partly written into."""
+    return torchvision.models.resnet50(weights=None)
+
+
+@pytest.mark.parametrize("kind", ["not-torch", "pickled-model", "resnet18", "partial", "tensor"])
+def test_a_wrong_backbone_file_is_one_clear_error(tmp_path: Path, scratch, kind: str):
+    path = tmp_path / f"{kind}.pth"
+    _bad_backbone_file(kind, path)
+    with pytest.raises(ValueError) as refused:
+        load_backbone_weights(scratch, path, "resnet50")
+    message = str(refused.value)
+    assert message.startswith(f"backbone weights file {path} is not resnet50 weights (")
+    assert "resnet50-11ad3fa6.pth) and set train.backbone_weights to that file" in message and "\n" not in message
+
+
+def test_a_missing_backbone_file_is_named(scratch):
+    with pytest.raises(FileNotFoundError, match=r"missing.pth does not exist; download torchvision's ImageNet "
+                                                r"weights \(https://\S+/resnet101-cd907fc2.pth\)"):
+        load_backbone_weights(scratch, Path("missing.pth"), "resnet101")
 
 
 def test_bad_student_requests_are_refused():
