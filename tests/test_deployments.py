@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from clips4.storage import Store
+from conftest import TINY_CONFIG
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -92,21 +93,22 @@ def served(tmp_path):
         _stop(server)
 
 
-def test_served_deployments_rerun_single_stages(served, tiny) -> None:
+def test_served_deployments_rerun_single_stages(served) -> None:
     run, env, store, serve_log = served
-    out = run("clips4-pipeline/default", "preset=demo", f"overrides={json.dumps(tiny)}")
+    tiny = ["preset=null", f"config_file={TINY_CONFIG}"]
+    out = run("clips4-pipeline/default", *tiny)
     assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n{serve_log.read_text()[-3000:]}"
     kinds = [m.kind for m in store.list()]
     assert kinds == ["data", "teacher", "features", "cluster", "train", "evaluate"], kinds
 
-    changed = json.dumps([*tiny, "train.lr=0.01"])
-    out = run("clips4-train/default", "preset=demo", f"overrides={changed}")
+    changed = [*tiny, 'overrides=["train.lr=0.01"]']
+    out = run("clips4-train/default", *changed)
     assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n{serve_log.read_text()[-3000:]}"
     assert [m.kind for m in store.list()].count("features") == 1  # reused, not recomputed
     assert [m.kind for m in store.list("train")] == ["train", "train"]
     assert store.list("train")[-1].config["lr"] == 0.01
 
-    out = run("clips4-evaluate/default", "preset=demo", f"overrides={changed}")
+    out = run("clips4-evaluate/default", *changed)
     assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n{serve_log.read_text()[-3000:]}"
     evaluations = store.list("evaluate")
     assert len(evaluations) == 2 and store.list("train")[-1].key in evaluations[-1].upstream

@@ -10,9 +10,8 @@ import pytest
 from PIL import Image
 
 import clips4.tasks.common as common
-from clips4.config import resolve_config
 from clips4.tasks.common import plan_keys
-from conftest import TINY
+from conftest import tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +28,7 @@ def _png(path: Path, value: int) -> None:
 
 
 def _data_key(root: Path) -> str:
-    cfg = resolve_config("demo", overrides=[*TINY, "data.dataset=imagefolder", f"data.root={root}"])
+    cfg = tiny_config("data.dataset=imagefolder", f"data.root={root}")
     return plan_keys(cfg, ["data"])["data"]
 
 
@@ -67,7 +66,7 @@ def test_the_data_key_follows_the_images_under_the_root(tmp_path) -> None:
 
 
 def test_the_synthetic_world_has_no_listing(monkeypatch) -> None:
-    cfg = resolve_config("demo", overrides=TINY)
+    cfg = tiny_config()
     monkeypatch.setattr(common, "listing_fingerprint", lambda root: pytest.fail("the synthetic world was listed"))
     assert common.content_identity(cfg, "data") == {}
     assert plan_keys(cfg, ["data"])["data"].startswith("data-")
@@ -80,7 +79,7 @@ def _ckpt(path: Path, payload: bytes) -> Path:
 
 def test_a_teacher_checkpoint_is_keyed_by_its_bytes(tmp_path, hash_cache) -> None:
     ckpt = _ckpt(tmp_path / "teacher.pt", b"first weights")
-    cfg = resolve_config("demo", overrides=[*TINY, "teacher.train=none", "teacher.model=RN50", f"teacher.pretrained={ckpt}"])
+    cfg = tiny_config("teacher.train=none", "teacher.model=RN50", f"teacher.pretrained={ckpt}")
     first = plan_keys(cfg, ["features"])
     assert plan_keys(cfg, ["features"]) == first
 
@@ -110,7 +109,7 @@ def test_a_hashed_file_is_read_once_while_its_size_and_mtime_stay(tmp_path, monk
 
 def test_student_backbone_weights_are_keyed_by_their_bytes(tmp_path) -> None:
     weights = _ckpt(tmp_path / "resnet50.pth", b"a")
-    cfg = resolve_config("demo", overrides=[*TINY, "train.student=resnet50", f"train.backbone_weights={weights}"])
+    cfg = tiny_config("train.student=resnet50", f"train.backbone_weights={weights}")
     first = plan_keys(cfg, ["train"])
     _ckpt(weights, b"b")
     second = plan_keys(cfg, ["train"])
@@ -118,5 +117,5 @@ def test_student_backbone_weights_are_keyed_by_their_bytes(tmp_path) -> None:
 
 
 def test_a_missing_weights_file_still_has_a_key(tmp_path) -> None:
-    cfg = resolve_config("demo", overrides=[*TINY, "teacher.train=none", f"teacher.pretrained={tmp_path / 'gone.pt'}"])
+    cfg = tiny_config("teacher.train=none", f"teacher.pretrained={tmp_path / 'gone.pt'}")
     assert common.content_identity(cfg, "teacher") == {"teacher.pretrained": "missing"}

@@ -8,9 +8,11 @@ import logging
 import pandas as pd
 import pytest
 
+from clips4.config import resolve_config
 from clips4.progress import Throttle, reporting, track
 from clips4.tasks.observe import LIBRARY_LOGGER, in_run, observed
-from clips4.tasks.report import loss_table, metric_table, publish_losses, publish_metrics
+from clips4.tasks.report import benchmark_table, loss_table, metric_table, publish_losses, publish_metrics
+from conftest import TINY_CONFIG
 
 
 class FakeClock:
@@ -84,6 +86,23 @@ def test_metric_table_has_one_row_per_method_and_one_column_per_task_and_metric(
     assert pd.isna(table.set_index("method").loc["maskclip+kspd", "language hIoU"])
 
 
+def test_benchmark_table_stacks_each_runs_methods_under_its_benchmark_and_protocol() -> None:
+    voc = resolve_config("voc21")
+    demo = resolve_config("demo")
+    first = pd.DataFrame([("maskclip", "language", "mIoU", 0.4), ("clips4", "language", "mIoU", 0.5)],
+                         columns=["method", "task", "metric", "value"])
+    second = pd.DataFrame([("maskclip", "language", "mIoU", 0.2), ("maskclip", "probe", "mIoU", 0.7)],
+                          columns=["method", "task", "metric", "value"])
+    table = benchmark_table([(voc, "evaluate-a", first), (demo, "evaluate-b", second)])
+    assert list(table.columns) == ["preset", "dataset", "split", "protocol", "method", "language mIoU", "probe mIoU",
+                                   "evaluate"]
+    assert table[["preset", "method", "evaluate"]].values.tolist() == [
+        ["voc21", "maskclip", "evaluate-a"], ["voc21", "clips4", "evaluate-a"], ["demo", "maskclip", "evaluate-b"],
+    ]
+    assert table["protocol"].tolist()[::2] == ["slide 224/112, short side 336, background below 0.1", "stored maps"]
+    assert table["language mIoU"].tolist() == [0.4, 0.5, 0.2] and pd.isna(table["probe mIoU"].iloc[0])
+
+
 def test_loss_table_is_steps_by_losses_cut_to_at_most_the_asked_rows() -> None:
     steps = range(1000)
     losses = pd.DataFrame(
@@ -110,16 +129,20 @@ def test_outside_a_run_nothing_is_published_and_logging_is_untouched(tmp_path) -
 
 
 @pytest.mark.slow
-def test_a_pipeline_run_shows_library_logs_progress_and_tables(tmp_path, tiny, prefect_harness, caplog) -> None:
+def test_a_pipeline_run_shows_library_logs_progress_and_tables(tmp_path, prefect_harness, caplog) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogWorker
 
     from clips4.flows.pipeline import clips4_pipeline
 
+    # Prefect configures logging when its flow machinery is first imported, replacing the root logger's handlers;
+    # in a test that runs first, that removes caplog's handler, so it goes back on.
+    if caplog.handler not in logging.getLogger().handlers:
+        logging.getLogger().addHandler(caplog.handler)
     # The tests run Prefect at WARNING (conftest); a level set on the clips4 loggers is what the run logs use.
     caplog.set_level(logging.INFO, logger=LIBRARY_LOGGER)
-    state = clips4_pipeline(preset="demo", overrides=tiny, store=str(tmp_path), return_state=True)
+    state = clips4_pipeline(preset=None, config_file=str(TINY_CONFIG), store=str(tmp_path), return_state=True)
     assert state.is_completed()
     flow_run_id = state.state_details.flow_run_id
     APILogWorker.drain_all()
@@ -143,17 +166,17 @@ def test_a_pipeline_run_shows_library_logs_progress_and_tables(tmp_path, tiny, p
     assert all(a.data == 100 for a in progress), [(a.description, a.data) for a in progress if a.data != 100]
 
     by_key = {a.key: a for a in artifacts if a.key}
-    metrics = by_key["clips4-metrics-demo"]
+    metrics = by_key["clips4-metrics-tiny"]
     assert metrics.type == "table"
     rows = pd.read_json(io.StringIO(metrics.data))
     assert {"maskclip", "maskclip+kspd", "maskclip+tta", "clips4", "clips4+tta"} <= set(rows["method"])
     assert "language mIoU" in rows.columns and rows["method"].is_unique
     assert "features-" in metrics.description and "train-" in metrics.description and "evaluate-" in metrics.description
 
-    losses = pd.read_json(io.StringIO(by_key["clips4-losses-demo"].data))
+    losses = pd.read_json(io.StringIO(by_key["clips4-losses-tiny"].data))
     assert list(losses["step"]) == [0, 1, 2] and {"contrast", "emb", "sem", "total"} <= set(losses.columns)
 
-    pictures = by_key["clips4-pictures-demo"]
+    pictures = by_key["clips4-pictures-tiny"]
     assert pictures.type == "markdown" and "file://" in pictures.data and "overlays.png" in pictures.data
 
 

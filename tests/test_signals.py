@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from conftest import tiny_cli
 
 psutil = pytest.importorskip("psutil")
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
@@ -28,8 +28,7 @@ class Run:
 
     def __init__(self, tmp_path: Path, env: dict[str, str], *overrides: str) -> None:
         self.store = tmp_path / "store"
-        sets = [a for o in [*TINY, *overrides] for a in ("--set", o)]
-        args = [sys.executable, "-m", "clips4.flows.cli", "run", "--preset", "demo", "--store", str(self.store), *sets,
+        args = [sys.executable, "-m", "clips4.flows.cli", "run", "--store", str(self.store), *tiny_cli(*overrides),
                 "--stages", "data,teacher,features"]
         env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}  # the run's own temporary server is under test
         env["PREFECT_HOME"] = str(tmp_path / "prefect")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_cli
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,8 +49,7 @@ def test_wheel_installs_one_namespace_with_presets(installed, tmp_path) -> None:
     assert where.stdout.strip().startswith(str(installed)), where.stdout + where.stderr
 
 
-def test_wheel_runs_a_stage_from_outside_the_repository(installed, tmp_path, tiny) -> None:
-    sets = [a for o in tiny for a in ("--set", o)]
-    out = _run(installed, tmp_path, "run", "--preset", "demo", *sets, "--stages", "data", "--store", str(tmp_path / "s"))
+def test_wheel_runs_a_stage_from_outside_the_repository(installed, tmp_path) -> None:
+    out = _run(installed, tmp_path, "run", *tiny_cli(), "--stages", "data", "--store", str(tmp_path / "s"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert list((tmp_path / "s" / "data").iterdir())
