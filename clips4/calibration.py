@@ -61,6 +61,7 @@ def new_class_floor(
     teacher: Embedder,
     student: Embedder,
     images: Sequence[int],
+    *,
     batch_size: int,
     text: torch.Tensor,
     centre: torch.Tensor | None,
@@ -70,7 +71,6 @@ def new_class_floor(
     pixels: int,
     seed: int,
     device: torch.device,
-    *,
     name: str = "clips4",
 ) -> tuple[torch.Tensor, pd.DataFrame]:
     """The bias [K] that gives each class of ``new`` ``floor`` x MaskCLIP's share of the pixels of ``images`` (train

@@ -354,9 +354,11 @@ class Harness:
             student = METHODS[name].model == "clips4"
             bias, table = new_class_floor(
                 self.embedder("maskclip", (1.0,), "train"), self.maps(name, "train"),
-                strided(len(self._split("train"))), c.batch_size, inputs.text[self.named].to(self.device), centre,
-                [k - first for k in inputs.held_out if k >= first], list(inputs.names)[self.named], c.new_class_floor,
-                c.calibration_pixels, c.seed, self.device, name="clips4" if student else name,
+                strided(len(self._split("train"))), batch_size=c.batch_size,
+                text=inputs.text[self.named].to(self.device), centre=centre,
+                new=[k - first for k in inputs.held_out if k >= first], names=list(inputs.names)[self.named],
+                floor=c.new_class_floor, pixels=c.calibration_pixels, seed=c.seed, device=self.device,
+                name="clips4" if student else name,
             )
             self._bias[name] = bias
             self._shares[name] = table if student else table.rename(columns={"bias": f"{name}_bias"})

@@ -366,6 +366,7 @@ def unknown_prototypes(
     features_sample: np.ndarray,
     known_text: np.ndarray,
     num_unknown: int,
+    *,
     iterations: int = 25,
     seed: int = 0,
     max_points_per_centroid: int = 100_000,

@@ -246,6 +246,7 @@ def step_losses(
     batch: Batch,
     cfg: TrainConfig,
     targets: torch.Tensor,
+    *,
     gap: torch.Tensor,
     mean_std: tuple[torch.Tensor, torch.Tensor],
     generator: torch.Generator,
@@ -340,6 +341,7 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batch: Batch,
+    *,
     cfg: TrainConfig,
     targets: torch.Tensor,
     gap: torch.Tensor,
@@ -353,7 +355,8 @@ def train_step(
     """One optimiser step; returns the loss values to log (components unweighted, total weighted; averaged over
     DDP ranks), the gap-corrected CLIP segment embeddings of the batch (None when no loss needed segments) and
     L_sem's segment labels (None without L_sem)."""
-    losses, u, labels = step_losses(net, batch, cfg, targets, gap, mean_std, generator, device, rule, num_known)
+    losses, u, labels = step_losses(net, batch, cfg, targets, gap=gap, mean_std=mean_std, generator=generator,
+                                    device=device, rule=rule, num_known=num_known)
     weights = loss_weights(cfg)
     total = sum(weights[name] * value for name, value in losses.items())
     if not torch.isfinite(total):
@@ -501,8 +504,8 @@ def _train(
             generator = torch.Generator().manual_seed(derive_seed(cfg.seed, _VIEW_STREAM, step, group.rank))
             targets = torch.cat([known_text, prototypes])
             values, u, labels = train_step(
-                net, optimizer, scheduler, batch, cfg, targets, gap, mean_std, generator, device, group,
-                data.label_rule, len(known_text),
+                net, optimizer, scheduler, batch, cfg=cfg, targets=targets, gap=gap, mean_std=mean_std,
+                generator=generator, device=device, group=group, rule=data.label_rule, num_known=len(known_text),
             )
             rows.extend({"step": step, "component": name, "value": value} for name, value in values.items())
             if labels is not None:
@@ -514,7 +517,8 @@ def _train(
             if refresh and done % cfg.refresh_every == 0:
                 prototypes = refresh_prototypes(buffer, known_text, prototypes, cfg.seed + done, group, say)
             if is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-                save_checkpoint(workdir, model, optimizer, scheduler, buffer, prototypes, rows, cfg, done)
+                save_checkpoint(workdir, model, optimizer=optimizer, scheduler=scheduler, buffer=buffer,
+                                prototypes=prototypes, rows=rows, cfg=cfg, step=done)
                 shown = ", ".join(f"{name} {value:.4f}" for name, value in values.items())
                 share = f"; {label_share(label_counts):.1%} of L_sem labels known classes" if label_counts[1] else ""
                 say(f"step {done}: loss {shown}{share}; checkpoint written to {workdir}")
@@ -560,6 +564,7 @@ def refresh_prototypes(
 def save_checkpoint(
     workdir: Path,
     model: PixelEncoder,
+    *,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     buffer: EmbeddingBuffer,

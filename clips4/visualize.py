@@ -78,6 +78,7 @@ def overlay_grid(
     labels: Sequence[np.ndarray],
     predictions: Mapping[str, Sequence[np.ndarray]],
     class_names: Sequence[str],
+    *,
     palette: np.ndarray,
     path: Path | str,
     ignore_index: int = IGNORE_INDEX,

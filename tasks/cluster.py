@@ -32,7 +32,8 @@ def build_cluster(cfg: PipelineConfig, store: Store, upstream: dict[str, str], f
     use_gpu = None if c.device == "auto" else c.device.startswith("cuda")
     rule = LabelRule.from_config(c).with_floor(sample, known, c.known_quantile)
     protos, known_sizes, unknown_sizes = unknown_prototypes(
-        sample, known, c.num_unknown, c.iterations, c.seed, c.max_points_per_centroid, use_gpu=use_gpu, rule=rule
+        sample, known, c.num_unknown, iterations=c.iterations, seed=c.seed,
+        max_points_per_centroid=c.max_points_per_centroid, use_gpu=use_gpu, rule=rule,
     )
     files.save_tensors(
         PROTOTYPES,

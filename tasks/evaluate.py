@@ -125,7 +125,8 @@ def _pictures(files: ArtifactFiles, harness: Harness, data: DataArtifact, n: int
     images = [split.image(i) for i in range(n)]
     labels = [split.label(i) for i in range(n)]
     preds = {name: [harness.predict(name, i) for i in range(n)] for name in harness.rows("language")}
-    overlay_grid(images, labels, preds, data.classes.names, data.classes.palette, files.file("overlays.png"))
+    overlay_grid(images, labels, preds, data.classes.names, palette=data.classes.palette,
+                 path=files.file("overlays.png"))
     student = harness.inputs.student
     if student is not None:  # embedded here, for the shown images only: 'whole' and 'slide' cache no student maps
         shown = images[:3]

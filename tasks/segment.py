@@ -90,8 +90,9 @@ def new_class_bias(store: Store, key: str, segmenter: Segmenter, text: torch.Ten
     bias, table = new_class_floor(
         array_embedder(features.features("train")),
         lambda idx: segmenter.embed([read_image(records[i].image_path) for i in idx], batch_size),
-        strided(len(records)), batch_size, text, segmenter.centre, new,
-        [" | ".join(n) for n in names], floor, defaults.calibration_pixels, defaults.seed, segmenter.device,
+        strided(len(records)), batch_size=batch_size, text=text, centre=segmenter.centre, new=new,
+        names=[" | ".join(n) for n in names], floor=floor, pixels=defaults.calibration_pixels, seed=defaults.seed,
+        device=segmenter.device,
     )
     table.to_csv(out / "calibration.csv", index=False)
     share_bars(table, out / "calibration.png")

@@ -60,8 +60,9 @@ def test_new_class_floor_raises_only_the_new_class_the_student_dropped() -> None
         maps = rows.T.reshape(3, 6, 10).permute(1, 0, 2)[:, :, None]  # 6 images of [D=3, 1, 10]
         return lambda idx: maps[idx]
 
-    bias, table = new_class_floor(as_maps(teacher), as_maps(student), range(6), 4, text, None, [2],
-                                  ["a", "b", "c"], 0.5, 1000, 0, torch.device("cpu"))
+    bias, table = new_class_floor(as_maps(teacher), as_maps(student), range(6), batch_size=4, text=text, centre=None,
+                                  new=[2], names=["a", "b", "c"], floor=0.5, pixels=1000, seed=0,
+                                  device=torch.device("cpu"))
     assert table["held_out"].tolist() == [False, False, True]
     np.testing.assert_allclose(table["maskclip_share"], [1 / 3] * 3, atol=1e-6)
     assert table.loc[2, "clips4_share"] == 0.0

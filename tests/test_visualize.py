@@ -29,11 +29,11 @@ def test_overlay_grid(tmp_path):
     labels = [rng.integers(0, 3, (16, 20)).astype(np.uint8) for _ in range(2)]
     labels[0][:4] = 255
     predictions = {"MaskCLIP": [np.zeros((16, 20), int)] * 2, "CLIP-S4": [torch.ones(16, 20, dtype=torch.long)] * 2}
-    assert_png(overlay_grid(images, labels, predictions, NAMES, PALETTE, tmp_path / "sub" / "overlay.png"))
+    assert_png(overlay_grid(images, labels, predictions, NAMES, palette=PALETTE, path=tmp_path / "sub" / "overlay.png"))
     with pytest.raises(ValueError, match="every image"):
-        overlay_grid(images, labels[:1], predictions, NAMES, PALETTE, tmp_path / "bad.png")
+        overlay_grid(images, labels[:1], predictions, NAMES, palette=PALETTE, path=tmp_path / "bad.png")
     with pytest.raises(ValueError, match="palette"):
-        overlay_grid(images, [np.full((16, 20), 7)] * 2, {}, NAMES, PALETTE, tmp_path / "bad.png")
+        overlay_grid(images, [np.full((16, 20), 7)] * 2, {}, NAMES, palette=PALETTE, path=tmp_path / "bad.png")
 
 
 def test_pca_rgb_separates_two_regions():
