@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
-	for b in bench/cluster.py bench/extract.py bench/features.py bench/metrics.py; do $(BIN)/python $$b || exit 1; done
+	for b in bench/cluster.py bench/extract.py bench/features.py bench/metrics.py bench/memory.py; do $(BIN)/python $$b || exit 1; done
 
 results: $(STAMP)
 	$(BIN)/python bench/worlds.py --seeds 1 2 3 4 5 --split test

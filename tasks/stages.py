@@ -41,7 +41,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage("data", (), 2, "clips4.tasks.data:data_task", gpu=False),
     Stage("teacher", ("data",), 1, "clips4.tasks.teacher:teacher_task",
           when={"data": lambda cfg: cfg.teacher.train == "synthetic"}),
-    Stage("features", ("data", "teacher"), 1, "clips4.tasks.features:features_stage"),
+    Stage("features", ("data", "teacher"), 2, "clips4.tasks.features:features_stage"),
     Stage("cluster", ("features",), 1, "clips4.tasks.cluster:cluster_task"),
     Stage("train", ("data", "features", "cluster"), 3, "clips4.tasks.train:train_task"),
     Stage("evaluate", ("data", "features", "train"), 2, "clips4.tasks.evaluate:evaluate_task"),

@@ -14,16 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clips4.config import resolve_config
 from clips4.flows.pipeline import execute
 from clips4.tasks.readers import FeaturesArtifact
 from clips4.storage import Store
+from conftest import tiny_cli, tiny_config
 
 pytestmark = pytest.mark.slow
 
 
-def _overrides(tiny: list[str]) -> list[str]:
-    return [*tiny, "features.shard_size=1", "features.batch_size=1"]
+ONE_IMAGE_SHARDS = ("features.shard_size=1", "features.batch_size=1")
 
 
 def _shard_files(folder: Path) -> dict[str, int]:
@@ -31,14 +30,14 @@ def _shard_files(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in files}
 
 
-def test_killed_features_stage_resumes_without_recomputing(tmp_path, tiny, prefect_harness) -> None:
+def test_killed_features_stage_resumes_without_recomputing(tmp_path, prefect_harness) -> None:
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    cfg = resolve_config("demo", overrides=_overrides(tiny))
+    cfg = tiny_config(*ONE_IMAGE_SHARDS)
     for root in (killed, clean):
         execute(cfg, ["data", "teacher"], None, str(root))
 
-    args = [sys.executable, "-m", "clips4.flows.cli", "run", "--preset", "demo", "--stages", "features", "--store", str(killed)]
-    args += [a for o in _overrides(tiny) for a in ("--set", o)]
+    args = [sys.executable, "-m", "clips4.flows.cli", "run", *tiny_cli(*ONE_IMAGE_SHARDS), "--stages", "features",
+            "--store", str(killed)]
     from prefect.settings import PREFECT_API_URL
 
     # The killed run talks to the test harness's server rather than starting (and waiting for) one of its own.
@@ -75,16 +74,17 @@ def test_killed_features_stage_resumes_without_recomputing(tmp_path, tiny, prefe
     a, b = FeaturesArtifact.open(Store(killed), resumed.key), FeaturesArtifact.open(Store(clean), reference.key)
     for split in ("train", "val"):
         np.testing.assert_array_equal(np.asarray(a.features(split)[:]), np.asarray(b.features(split)[:]))
-        np.testing.assert_array_equal(np.asarray(a.keys(split)[:]), np.asarray(b.keys(split)[:]))
+    np.testing.assert_array_equal(np.asarray(a.keys("val")[:]), np.asarray(b.keys("val")[:]))
+    assert a.keys("train") is None and b.keys("train") is None  # no stage reads the train split's keys
 
 
-def test_a_run_killed_and_resumed_with_another_shard_size_equals_a_clean_run(tmp_path, tiny, prefect_harness, caplog) -> None:
+def test_a_run_killed_and_resumed_with_another_shard_size_equals_a_clean_run(tmp_path, prefect_harness, caplog) -> None:
     """Markers of 4-image shards must not pass for 8-image ones: the resumed run starts the staged arrays over (their
     Zarr shard layout differs) instead of publishing the images it never computed as zeros."""
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    first = [*tiny, "features.shard_size=4", "features.batch_size=1"]
-    args = [sys.executable, "-m", "clips4.flows.cli", "run", "--preset", "demo", "--stages", "data,teacher,features",
-            "--store", str(killed), *(a for o in first for a in ("--set", o))]
+    first = tiny_cli("features.shard_size=4", "features.batch_size=1")
+    args = [sys.executable, "-m", "clips4.flows.cli", "run", *first, "--stages", "data,teacher,features",
+            "--store", str(killed)]
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": PREFECT_API_URL.value()}
@@ -99,7 +99,7 @@ def test_a_run_killed_and_resumed_with_another_shard_size_equals_a_clean_run(tmp
     proc.wait()
     assert not Store(killed).list("features")
 
-    cfg = resolve_config("demo", overrides=[*tiny, "features.shard_size=8"])
+    cfg = tiny_config("features.shard_size=8")
     with caplog.at_level("WARNING", logger="clips4.tasks.features"):
         *_, resumed = execute(cfg, ["data", "teacher", "features"], None, str(killed))
     assert "starting over" in caplog.text
@@ -111,5 +111,6 @@ def test_a_run_killed_and_resumed_with_another_shard_size_equals_a_clean_run(tmp
     a, b = FeaturesArtifact.open(Store(killed), resumed.key), FeaturesArtifact.open(Store(clean), reference.key)
     for split in ("train", "val"):
         np.testing.assert_array_equal(np.asarray(a.features(split)[:]), np.asarray(b.features(split)[:]))
-        np.testing.assert_array_equal(np.asarray(a.keys(split)[:]), np.asarray(b.keys(split)[:]))
+    np.testing.assert_array_equal(np.asarray(a.keys("val")[:]), np.asarray(b.keys("val")[:]))
+    assert a.keys("train") is None and b.keys("train") is None  # no stage reads the train split's keys
     assert not any((killed / ".staging").iterdir()), "the resumed run left staging debris"

@@ -6,20 +6,23 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from PIL import Image
 
+import clips4.tasks.common as common
 import clips4.tasks.preflight as pf
-from clips4.config import resolve_config
-from clips4.storage import Store
+from clips4.storage import Store, human_bytes
 from clips4.tasks.preflight import PreflightError, preflight
-from conftest import TINY
+from conftest import tiny_cli, tiny_config
 
 ALL = ["data", "teacher", "features", "cluster", "train", "evaluate"]
 
 
 def _cfg(*extra: str):
-    return resolve_config("demo", overrides=[*TINY, *extra])
+    return tiny_config(*extra)
 
 
 def test_a_fresh_store_plans_every_stage_with_an_estimate(tmp_path) -> None:
@@ -75,10 +78,36 @@ def test_an_unwritable_store_is_named(tmp_path) -> None:
         preflight(_cfg(), ["data"], None, Store(blocker / "store"))
 
 
-def test_a_full_disk_is_refused_with_the_estimate(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(pf, "_free_bytes", lambda root: 1000)
-    with pytest.raises(PreflightError, match=r"has 1000 B free but this run writes about"):
-        preflight(_cfg(), ALL, None, Store(tmp_path))
+def test_the_features_estimate_counts_keys_of_the_splits_that_keep_them() -> None:
+    cfg = _cfg()
+    cells, dim, key_dim = pf._feature_grid(cfg)
+    (features,) = pf.estimate_bytes(cfg, ["features"], {"train": 100, "val": 10})
+    assert features.size == 110 * cells * cells * dim * 2 + 10 * cells * cells * key_dim * 2  # no train keys
+    assert "110 images" in features.how and "keys of 10 images" in features.how
+    (keyless,) = pf.estimate_bytes(_cfg("features.keep_keys=false"), ["features"], {"train": 100, "val": 10})
+    assert keyless.size == 110 * cells * cells * dim * 2
+
+
+def test_evaluating_the_train_split_says_it_scores_no_key_smoothing_row(tmp_path) -> None:
+    stages = ["data", "teacher", "features", "evaluate"]
+    on_train = preflight(_cfg("evaluate.split=train"), stages, None, Store(tmp_path)).notes
+    assert any("keeps no keys of the train split" in note for note in on_train)
+    assert not any("maskclip+kspd" in note for note in preflight(_cfg(), stages, None, Store(tmp_path)).notes)
+
+
+def test_a_full_disk_is_refused_naming_the_stage_its_estimate_and_the_free_space(tmp_path, monkeypatch) -> None:
+    plan = preflight(_cfg(), ["data", "teacher", "features"], None, Store(tmp_path))
+    assert [e.stage for e in plan.estimates] == ["data", "teacher", "features"]
+    assert any(line.startswith("  features writes about ") for line in plan.lines())
+    earlier = sum(e.size for e in plan.estimates[:2])
+    free = int(earlier * pf.HEADROOM) + 1  # room for the data and the teacher, not for the features after them
+    monkeypatch.setattr(pf.shutil, "disk_usage", lambda path: SimpleNamespace(total=10 * free, used=9 * free, free=free))
+    with pytest.raises(PreflightError) as refused:
+        preflight(_cfg(), ["data", "teacher", "features"], None, Store(tmp_path))
+    message = str(refused.value)
+    assert message.startswith(f"stage features writes about {human_bytes(plan.estimates[2].size)} (")
+    assert f"more than the {human_bytes(free)} free in the store {tmp_path}" in message
+    assert "clips4 store gc" in message and "--store PATH" in message and "\n" not in message
 
 
 def test_missing_faiss_is_named_with_the_install_line(tmp_path, monkeypatch) -> None:
@@ -88,11 +117,34 @@ def test_missing_faiss_is_named_with_the_install_line(tmp_path, monkeypatch) -> 
     preflight(_cfg(), ["data"], None, Store(tmp_path))  # stages that need no faiss still run
 
 
+def test_a_real_data_run_warns_that_a_resnet_student_without_weights_starts_random(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(common, "HASH_CACHE", tmp_path / "file-sha256.json")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(photos / f"{i}.png")
+    real = ["data.dataset=imagefolder", f"data.root={photos}", "data.splits=[val]", "data.held_out=[]"]
+    weights = tmp_path / "resnet50.pth"
+    weights.write_bytes(b"weights")  # only hashed into the train key here
+
+    def warned(*extra: str) -> list[str]:
+        plan = preflight(_cfg(*extra), ["train"], None, Store(tmp_path / "store"))
+        return [line for line in plan.lines() if "random weights" in line]
+
+    for student, file in (("resnet50", "resnet50-11ad3fa6.pth"), ("resnet101", "resnet101-cd907fc2.pth")):
+        (line,) = warned(*real, f"train.student={student}")
+        assert line.startswith(f"warning: the {student} student starts from random weights")
+        assert file in line and "set train.backbone_weights to that file" in line
+    assert warned(*real, "train.student=resnet50", f"train.backbone_weights={weights}") == []
+    assert warned(*real) == []  # the small CNN
+    assert warned("train.student=resnet50") == []  # the synthetic world
+
+
 @pytest.mark.slow
 def test_evaluate_without_a_student_says_so_and_the_cli_errors_are_one_line(tmp_path, child_env) -> None:
     store = tmp_path / "store"
-    cli = [sys.executable, "-m", "clips4.flows.cli", "run", "--preset", "demo", "--store", str(store)]
-    tiny = [arg for o in TINY for arg in ("--set", o)]
+    cli = [sys.executable, "-m", "clips4.flows.cli", "run", "--store", str(store)]
+    tiny = tiny_cli()
     built = subprocess.run([*cli, *tiny, "--stages", "data,teacher,features"], env=child_env,
                            capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-2000:]
