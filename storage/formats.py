@@ -97,6 +97,22 @@ class ArtifactFiles:
     def has(self, name: str) -> bool:
         return (self.dir / name).exists()
 
+    def seal(self, name: str) -> tuple[int, int, int, str]:
+        """Digest and flush file ``name``, written by another library (a Zarr shard), and flush each folder from its
+        own up to the artifact's (a new folder's entry lasts only once its parent is flushed): a marker written after
+        this cannot outlive the file, and publication reuses the digest instead of reading the file again. Returns
+        what :attr:`written` now holds of it: (inode, size, mtime_ns, sha256)."""
+        path = self._resolve(name)
+        digest = sha256_file(path, fsync=True)
+        st = path.stat()
+        record = self.written[self._rel(name)] = (st.st_ino, st.st_size, st.st_mtime_ns, digest)
+        top = self.dir.resolve()
+        for folder in path.parents:
+            fsync_path(folder)
+            if folder == top:
+                break
+        return record
+
     # --------------------------------------------------------------------------------------------- integrity
     def check(self, name: str) -> None:
         """Raise StoreError unless ``name`` (a file, or every recorded file below a folder) matches the manifest.

@@ -19,26 +19,28 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import CancelledError
+from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError, ThreadPoolExecutor
+from contextlib import ExitStack
 from functools import lru_cache
 
 import numpy as np
 import torch
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from clips4.config import PipelineConfig
-from clips4.data.io import prefetch, read_image
-from clips4.data.prepare import resize_square
+from clips4.data.prepare import read_square_batch
 from clips4.data.records import Record
 from clips4.device import resolve_device
 from clips4.maskclip import DenseFeatures, extract_dense, prompt_templates, text_embeddings
+from clips4.overlap import WorkAhead, WriteBehind
 from clips4.progress import track
 from clips4.training import normalize_images, to_unit_images
 from clips4.storage import ArtifactFiles, Store
 from clips4.tasks.common import StageResult, run_stage, stage_key
-from clips4.tasks.readers import CLASSES, TEACHER_INFO, DataArtifact, FeaturesArtifact, load_teacher
+from clips4.tasks.readers import CLASSES, TEACHER_INFO, DataArtifact, FeaturesArtifact, keys_kept, load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +59,10 @@ def _teacher(store_root: str, key: str, device: str):
 
 def teacher_dense(teacher, images: np.ndarray, batch_size: int, device: torch.device, amp: bool,
                   with_keys: bool) -> DenseFeatures:
-    """MaskCLIP dense features (and keys) of uint8 images [B,H,W,3], normalised as the teacher expects."""
-    cpu = torch.device("cpu")
-    x = normalize_images(to_unit_images(images, cpu), torch.tensor(teacher.mean), torch.tensor(teacher.std))
+    """MaskCLIP dense features (and keys) of uint8 images [B,H,W,3], normalised as the teacher expects on ``device``
+    (a quarter of the bytes to move there, and the host's cores stay free for decoding)."""
+    mean, std = (torch.tensor(v, device=device) for v in (teacher.mean, teacher.std))
+    x = normalize_images(to_unit_images(images, device), mean, std)
     return extract_dense(teacher.model, x, batch_size, device, amp, with_keys)
 
 
@@ -73,46 +76,92 @@ def feature_grid(cfg: PipelineConfig, teacher) -> tuple[int, int, int | None]:
 
 
 SHARD_RETRIES = 2  # a shard that raises is run again this many times (locally and on Dask)
+AHEAD_PER_WORKER = 2  # batches decoded ahead of the teacher per image worker: no worker idles, memory stays bounded
+# Threads writing finished shards: writing, digesting and flushing 800 kB an image (ViT-B/16 at 448 px) takes one
+# thread about as long as a GPU takes to extract it, so a second one keeps the writes off the critical path.
+WRITERS = 2
+SHARDS_DONE = "features: %d images in %d shard(s) in %.2f s, %.1f img/s (the last shard still being written)"
 DASK_CONNECT_S = 30  # how long to try reaching the Dask scheduler
 DASK_POLL_S = 5.0  # how often the wait for Dask shards checks that the cluster still has workers
 DASK_NO_WORKERS_S = 120.0  # a Dask run with no worker connected for this long fails instead of waiting forever
 
 
+def shard_jobs(cfg: PipelineConfig, store_root: str, data_key: str, split: str, lo: int,
+               hi: int) -> list[tuple[list[str], int]]:
+    """The image loads of images [lo, hi) of a split, one per teacher batch: (paths, side) for read_square_batch."""
+    f = cfg.features
+    paths = [r.image_path for r in _records(store_root, data_key, split)[lo:hi]]
+    return [(paths[start : start + f.batch_size], f.resolution) for start in range(0, len(paths), f.batch_size)]
+
+
+class Lent:
+    """What a local run lends its shard tasks so the teacher never waits on the host: the images of every shard to
+    do, decoded and resized by ``features.num_workers`` threads ahead of the teacher and across shard boundaries
+    (decoding and resizing release the GIL), and threads that write a finished shard, then its marker, while the
+    teacher runs the next one."""
+
+    def __init__(self, cfg: PipelineConfig, store_root: str, data_key: str, todo: list[tuple[str, int, int]]) -> None:
+        jobs: list[tuple[list[str], int]] = []
+        self.spans: dict[tuple[str, int, int], tuple[int, int]] = {}  # shard -> its range of jobs
+        for split, lo, hi in todo:
+            shard = shard_jobs(cfg, store_root, data_key, split, lo, hi)
+            self.spans[(split, lo, hi)] = (len(jobs), len(jobs) + len(shard))
+            jobs += shard
+        workers = cfg.features.num_workers
+        self.images = WorkAhead(read_square_batch, jobs, workers, AHEAD_PER_WORKER * max(1, workers))
+        self.writer = WriteBehind(depth=WRITERS, threads=WRITERS)
+
+    def __enter__(self) -> Lent:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self.images:  # the workers stop after the last write ended, whatever it raised
+            self.writer.__exit__(*exc)
+
+
 def compute_shard(cfg: PipelineConfig, store_root: str, key: str, upstream: dict[str, str], split: str, lo: int,
-                  hi: int) -> str:
+                  hi: int, lent: Lent | None = None) -> str:
     """Compute images [lo, hi) of a split, one Zarr shard (idempotent: a range with a done marker is skipped); a
     plain function so Dask can run it. It writes into the staging folder the orchestrating run created and holds
-    the lock of, which it therefore neither creates nor resets."""
+    the lock of, which it therefore neither creates nor resets.
+
+    A local run lends it ``lent``: its images are decoded already, and the shard is written after this returns,
+    its marker after its data is on disk. On a Dask worker one thread decodes a batch ahead of the teacher, and the
+    shard and its marker are written before this returns."""
     f = cfg.features
     out = FeaturesArtifact(Store(store_root).staging_files(key))
     if out.range_done(split, lo, hi):
         return f"{split}/{lo}-{hi}: reused"
+    if lent is not None:
+        lent.writer.check()  # a failed write fails the shards after it before they compute anything
     device = resolve_device(f.device)
     teacher = _teacher(store_root, upstream["teacher"], str(device))
-    chunk = _records(store_root, upstream["data"], split)[lo:hi]
-    batches = [chunk[start : start + f.batch_size] for start in range(0, len(chunk), f.batch_size)]
-
-    def load(batch: tuple[Record, ...]) -> np.ndarray:
-        return np.stack([resize_square(read_image(r.image_path), f.resolution) for r in batch])
-
-    # On a GPU the next batch is decoded while this one runs; on the CPU both would compete for the same cores.
-    loaded = prefetch(load, batches) if device.type == "cuda" else map(load, batches)
-    # The shard is gathered in memory and written once: a Zarr shard is one file, so writing it batch by batch
-    # would re-read and re-write the whole file each time.
-    feats, keys = [], []
-    for images in track(loaded, f"features {split} images {lo}-{hi}", len(batches), unit="batch"):
-        dense = teacher_dense(teacher, images, f.batch_size, device, f.amp, f.keep_keys)
-        feats.append(dense.features.numpy().astype(f.dtype))
-        if f.keep_keys:
-            keys.append(dense.keys.numpy().astype(f.dtype))
-    out.features(split, mode="r+")[lo:hi] = np.concatenate(feats)
-    if keys:
-        out.keys(split, mode="r+")[lo:hi] = np.concatenate(keys)
-    out.mark_done(split, lo, hi)
+    with ExitStack() as stack:
+        if lent is None:
+            jobs = shard_jobs(cfg, store_root, upstream["data"], split, lo, hi)
+            images, (first, last) = stack.enter_context(WorkAhead(read_square_batch, jobs, 1, 1)), (0, len(jobs))
+        else:
+            images, (first, last) = lent.images, lent.spans[(split, lo, hi)]
+        # The shard is gathered in memory and written once: a Zarr shard is one file, so writing it batch by batch
+        # would re-read and re-write the whole file each time.
+        feats, keys = [], []
+        for batch in track(images.take(first, last), f"features {split} images {lo}-{hi}", last - first, unit="batch"):
+            dense = teacher_dense(teacher, batch, f.batch_size, device, f.amp, keys_kept(f, split))
+            feats.append(dense.features.numpy().astype(f.dtype))
+            if keys_kept(f, split):
+                keys.append(dense.keys.numpy().astype(f.dtype))
+    shard = (split, lo, hi, np.concatenate(feats), np.concatenate(keys) if keys else None)
+    if lent is None:
+        out.write_range(*shard)
+    else:
+        lent.writer.submit(out.write_range, *shard)
     return f"{split}/{lo}-{hi}: computed"
 
 
-features_shard = task(name="features-shard", retries=SHARD_RETRIES, retry_delay_seconds=5)(compute_shard)
+# No cache policy: the lent pipeline is no input to hash, and a shard's own marker already makes it idempotent.
+features_shard = task(name="features-shard", retries=SHARD_RETRIES, retry_delay_seconds=5, cache_policy=NO_CACHE)(
+    compute_shard
+)
 
 
 def _dask_client(address: str):
@@ -219,14 +268,17 @@ def prepare_features(cfg: PipelineConfig, store: Store, key: str, upstream: dict
     """
     f = cfg.features
     files = store.staging_files(key)
-    teacher = _teacher(str(store.root), upstream["teacher"], "cpu")
+    # The teacher the shards use: loaded once, before the shards and the text embeddings ask for it at once.
+    teacher = _teacher(str(store.root), upstream["teacher"], str(resolve_device(f.device)))
     side, dim, key_dim = feature_grid(cfg, teacher)
     key_dim = key_dim if f.keep_keys else None
     data = DataArtifact.open(store, upstream["data"])
     sizes = {split: len(data.records(split)) for split in data.splits}
     units = {split: max(1, min(f.shard_size, n)) for split, n in sizes.items()}
+    kept = {split: keys_kept(f, split) and key_dim is not None for split in data.splits}
     layout = {"dtype": f.dtype, "side": side, "dim": dim, "key_dim": key_dim,
-              "splits": {split: {"images": sizes[split], "shard": units[split]} for split in data.splits}}
+              "splits": {split: {"images": sizes[split], "shard": units[split], "keys": kept[split]}
+                         for split in data.splits}}
     out = FeaturesArtifact(files)
     if out.layout() != layout:
         if any(files.dir.iterdir()):
@@ -234,7 +286,7 @@ def prepare_features(cfg: PipelineConfig, store: Store, key: str, upstream: dict
                         files.dir, out.layout() or "not recorded", layout)
             out = FeaturesArtifact(store.staging(key, reset=True))
         for split in data.splits:
-            out.create(split, sizes[split], side, dim, key_dim, f.dtype, units[split])
+            out.create(split, sizes[split], side, dim, key_dim if kept[split] else None, f.dtype, units[split])
         out.record_layout(layout)
     todo = []
     for split in data.splits:
@@ -258,17 +310,27 @@ def check_coverage(out: FeaturesArtifact, sizes: dict[str, int]) -> None:
             )
 
 
-def finish_features(cfg: PipelineConfig, store: Store, upstream: dict[str, str], files: ArtifactFiles) -> dict:
-    """Prove every image is computed, then add the text embeddings of the dataset's class names."""
+def class_text(cfg: PipelineConfig, store_root: str, upstream: dict[str, str]) -> torch.Tensor | None:
+    """The prompt-ensembled text embeddings of the dataset's class names (None when it names none), on the stage's
+    device: every (synonym, template) prompt of a large class list is minutes of a CPU's time."""
+    classes = DataArtifact.open(Store(store_root), upstream["data"]).classes
+    if not classes.num_classes:
+        return None
+    teacher = _teacher(store_root, upstream["teacher"], str(resolve_device(cfg.features.device)))
+    templates = prompt_templates(cfg.features.extra_templates)
+    return text_embeddings(teacher.model, teacher.tokenizer, classes.synonyms, templates).float().cpu()
+
+
+def finish_features(cfg: PipelineConfig, store: Store, upstream: dict[str, str], files: ArtifactFiles,
+                    text: Callable[[], torch.Tensor | None] | None = None) -> dict:
+    """Prove every image is computed, then add the text embeddings of the dataset's class names: ``text()``, which
+    the stage computes while its shards run, or :func:`class_text` here."""
     data = DataArtifact.open(store, upstream["data"])
     out = FeaturesArtifact(files)
     check_coverage(out, {split: len(data.records(split)) for split in data.splits})
-    teacher = _teacher(str(store.root), upstream["teacher"], "cpu")
-    classes = data.classes
-    if classes.num_classes:
-        with torch.no_grad():
-            text = text_embeddings(teacher.model, teacher.tokenizer, classes.synonyms, prompt_templates(cfg.features.extra_templates))
-        files.save_tensors("text.safetensors", {"text": text.float().cpu()})
+    embeddings = text() if text is not None else class_text(cfg, str(store.root), upstream)
+    if embeddings is not None:
+        files.save_tensors("text.safetensors", {"text": embeddings})
     files.write_json(CLASSES, data.meta)
     files.write_json(TEACHER_INFO, store.open(upstream["teacher"]).read_json(TEACHER_INFO))
     out.clear_progress()
@@ -283,12 +345,20 @@ def features_stage(cfg: PipelineConfig, store_root: str, upstream: dict[str, str
     identical run wait for this one instead of deleting or overwriting its work; ``force`` empties the folder only
     while holding it."""
 
+    # What a local run lends its shard tasks; it reaches them through this closure, not as a flow parameter (the
+    # Prefect API stores those), and it closes only after the sub-flow has ended every task.
+    lent: Lent | None = None
+
     @flow(name="features-shards", task_runner=ThreadPoolTaskRunner(max_workers=1))  # torch already uses every core
     def run_shards(todo: list[tuple[str, int, int]]) -> list[str]:
         if cfg.features.dask_address:
             return shards_on_dask(cfg, store_root, key, upstream, todo)
-        futures = [features_shard.submit(cfg, store_root, key, upstream, *unit) for unit in todo]
-        return [fut.result() for fut in futures]
+        started = time.perf_counter()
+        futures = [features_shard.submit(cfg, store_root, key, upstream, *unit, lent) for unit in todo]
+        messages = [fut.result() for fut in futures]
+        seconds, images = time.perf_counter() - started, sum(hi - lo for _, lo, hi in todo)
+        log.info(SHARDS_DONE, images, len(todo), seconds, images / seconds)
+        return messages
 
     store = Store(store_root)
     key = stage_key(cfg, "features", upstream)
@@ -300,11 +370,16 @@ def features_stage(cfg: PipelineConfig, store_root: str, upstream: dict[str, str
             shutil.rmtree(files.dir, ignore_errors=True)  # the empty folder the wait made, not anyone's work
             return run_stage(store, cfg, "features", upstream, lambda files: None)
         todo = prepare_features(cfg, store, key, upstream)
-        if todo:
-            run_shards(todo)
-        result = run_stage(
-            store, cfg, "features", upstream, lambda files: finish_features(cfg, store, upstream, files), force,
-            reset_staging=False,
-        )
+        with ThreadPoolExecutor(1, thread_name_prefix="features-text") as aside:
+            text = aside.submit(class_text, cfg, store_root, upstream)  # while the shards run
+            if todo:
+                with ExitStack() as stack:
+                    if not cfg.features.dask_address:
+                        lent = stack.enter_context(Lent(cfg, store_root, upstream["data"], todo))
+                    run_shards(todo)
+            result = run_stage(
+                store, cfg, "features", upstream,
+                lambda files: finish_features(cfg, store, upstream, files, text.result), force, reset_staging=False,
+            )
     result.seconds = round(time.time() - start, 2)
     return result

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from clips4.config import DataConfig
+from clips4.config import DataConfig, FeaturesConfig
 from clips4.data.records import ClassInfo, Record
 from clips4.storage import ArtifactFiles, Store
 
@@ -116,9 +116,17 @@ def load_teacher(files: ArtifactFiles, device: torch.device):
     return create_teacher(info["model"], info["pretrained"], device)
 
 
+def keys_kept(cfg: FeaturesConfig, split: str) -> bool:
+    """Whether the features stage stores ``split``'s keys. Only key smoothing reads them (the ``maskclip+kspd`` row,
+    on the evaluated split); the train split, by far the largest, is read by the cluster and train stages and the
+    probe without them, so it gets none."""
+    return cfg.keep_keys and split != "train"
+
+
 class FeaturesArtifact(StoredArtifact):
     """Dense teacher features per split (``<split>/features.zarr`` [N,h,w,D], one chunk per image, one shard per
-    unit of work), the last block's keys, and the text embeddings of the dataset's classes."""
+    unit of work), the last block's keys of the splits :func:`keys_kept` names, and the text embeddings of the
+    dataset's classes."""
 
     def create(self, split: str, n: int, side: int, dim: int, key_dim: int | None, dtype: str, shard: int) -> None:
         """The split's arrays with ``shard`` images per Zarr shard file: the unit of work that writes it."""
@@ -145,18 +153,35 @@ class FeaturesArtifact(StoredArtifact):
     def range_done(self, split: str, lo: int, hi: int) -> bool:
         return self.files.has(self._marker(split, lo, hi))
 
-    def mark_done(self, split: str, lo: int, hi: int) -> None:
-        """Record that images [lo, hi) of ``split`` are written (call only after their arrays are)."""
-        self.files.write_json(self._marker(split, lo, hi), {"split": split, "lo": lo, "hi": hi})
+    def mark_done(self, split: str, lo: int, hi: int,
+                  sealed: dict[str, tuple[int, int, int, str]] | None = None) -> None:
+        """Record that images [lo, hi) of ``split`` are written (call only after their arrays are), with what
+        :meth:`ArtifactFiles.seal` recorded of the files holding them."""
+        self.files.write_json(self._marker(split, lo, hi), {"split": split, "lo": lo, "hi": hi, "sealed": sealed or {}})
+
+    def write_range(self, split: str, lo: int, hi: int, features: np.ndarray, keys: np.ndarray | None) -> None:
+        """Write images [lo, hi) of ``split``, seal the Zarr shard files holding them (digested and on disk), then
+        mark the range done: a marker never names images a crash or a power cut could still lose."""
+        sealed = {}
+        for name, values in (("features", features), ("keys", keys)):
+            if values is None:
+                continue
+            array = self.files.open_array(f"{split}/{name}.zarr", mode="r+")
+            array[lo:hi] = values
+            step = (array.shards or array.chunks)[0]
+            for i in range(lo // step, (hi - 1) // step + 1):
+                shard = f"{split}/{name}.zarr/{array.metadata.encode_chunk_key((i,) + (0,) * (array.ndim - 1))}"
+                if self.files.has(shard):  # Zarr writes no file for data that is all fill value; reads give it back
+                    sealed[shard] = self.files.seal(shard)
+        self.mark_done(split, lo, hi, sealed)
+
+    def _markers(self) -> list[dict]:
+        folder = self.files.dir / DONE
+        return [json.loads(p.read_text()) for p in (folder.iterdir() if folder.is_dir() else []) if p.suffix != ".tmp"]
 
     def missing(self, split: str, n: int) -> list[tuple[int, int]]:
         """The ranges of images [0, n) of ``split`` that no marker covers, in order."""
-        folder = self.files.dir / DONE
-        done = sorted(
-            (m["lo"], m["hi"])
-            for m in (json.loads(p.read_text()) for p in (folder.iterdir() if folder.is_dir() else []) if p.suffix != ".tmp")
-            if m["split"] == split
-        )
+        done = sorted((m["lo"], m["hi"]) for m in self._markers() if m["split"] == split)
         gaps, reached = [], 0
         for lo, hi in done:
             if lo > reached:
@@ -176,9 +201,13 @@ class FeaturesArtifact(StoredArtifact):
         self.files.write_json(LAYOUT, layout)
 
     def clear_progress(self) -> None:
-        """Drop the markers and the layout note: they describe a build, not the artifact it publishes."""
+        """Hand publication the digests the shard writers took (a file changed since, by inode, size or mtime, is
+        read again), then drop the markers and the layout note: they describe a build, not the artifact it
+        publishes. Publication then reads none of the arrays, whichever run or worker wrote them."""
         import shutil
 
+        for marker in self._markers():
+            self.files.written.update((rel, tuple(record)) for rel, record in marker.get("sealed", {}).items())
         shutil.rmtree(self.files.dir / DONE, ignore_errors=True)
         self.files.file(LAYOUT).unlink(missing_ok=True)
 

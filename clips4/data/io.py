@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -16,9 +13,6 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # it names the file and the setting. Pillow's own check (a warning from 89 Mpx, an error from 179 Mpx) names no file
 # and would refuse images the user allowed by raising data.max_pixels.
 Image.MAX_IMAGE_PIXELS = None
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 REMEDY = "re-download or remove it, or set data.on_bad_input=skip"
 LIMIT_SETTING = "data.max_pixels or set it to null"
@@ -32,6 +26,10 @@ class BadImageError(ValueError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}; {REMEDY}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Rebuilt from both fields: an image worker process sends its errors to the reader pickled.
+        return type(self), (self.path, self.problem)
 
 
 def _open(path: str | Path, max_pixels: int | None, setting: str) -> Image.Image:
@@ -153,16 +151,3 @@ def write_png(path: str | Path, array: np.ndarray, palette: np.ndarray | None = 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 
-
-def prefetch(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-    """``fn`` of each item in order, the next one computed in a background thread while the caller uses this one.
-
-    Decoding the next batch of images overlaps the model's forward pass on the current one (PIL and torch release
-    the GIL); an error in ``fn`` is raised where its result would have been yielded."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        futures = (pool.submit(fn, item) for item in items)  # lazy: each next() submits one
-        pending = next(futures, None)
-        while pending is not None:
-            following = next(futures, None)
-            yield pending.result()
-            pending = following

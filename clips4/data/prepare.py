@@ -3,8 +3,13 @@ all see the same pixels. Predictions are mapped back to each image's own size at
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
+
+from clips4.data.io import read_image
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -12,6 +17,12 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     if image.shape[:2] == (size, size):
         return image
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
+
+def read_square_batch(paths: Sequence[str | Path], size: int) -> np.ndarray:
+    """The images at ``paths`` decoded and resized, one uint8 batch [B,size,size,3]: a function of paths alone, so
+    a worker process that imports nothing else can run it."""
+    return np.stack([resize_square(read_image(path), size) for path in paths])
 
 
 def resize_labels(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import multiprocessing
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +11,7 @@ from skimage.segmentation import felzenszwalb, slic
 from clips4.config import RegionsConfig
 from clips4.data.io import read_image
 from clips4.data.prepare import resize_square
+from clips4.overlap import WorkAhead
 
 AHEAD = 4  # images in flight per worker process: keeps every worker busy while bounding memory
 
@@ -50,22 +48,6 @@ def prepare_all(
     paths: Sequence[str | Path], size: int, cfg: RegionsConfig, workers: int = 0
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """:func:`prepared` for every path, in order. With ``workers`` > 0 the images are done in that many processes
-    (superpixels hold the GIL), at most ``AHEAD`` per worker in flight, so memory does not grow with the split.
-
-    Processes are spawned, not forked: the caller may run threads (Prefect does), and a fork copies their locks."""
-    if workers <= 0:
-        yield from (prepared(p, size, cfg) for p in paths)
-        return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        queue: deque[Future] = deque()
-        todo = iter(paths)
-        try:
-            for path in todo:
-                queue.append(pool.submit(prepared, path, size, cfg))
-                if len(queue) >= AHEAD * workers:
-                    yield queue.popleft().result()
-            while queue:
-                yield queue.popleft().result()
-        finally:
-            for fut in queue:
-                fut.cancel()
+    (superpixels hold the GIL), at most ``AHEAD`` per worker in flight, so memory does not grow with the split."""
+    with WorkAhead(prepared, [(p, size, cfg) for p in paths], workers, AHEAD * workers, processes=True) as work:
+        yield from work.take(0, len(paths))
