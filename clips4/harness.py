@@ -58,7 +58,8 @@ from clips4.progress import track
 from clips4.protocol import predict_labels, protocol_scores
 from clips4.sampling import strided
 from clips4.teacher import Teacher
-from clips4.training import embed_images, normalize_images, to_unit_images
+from clips4.data.prepare import normalize_images, to_unit_images
+from clips4.training import embed_images
 
 Model = Literal["maskclip", "clips4"]
 Task = Literal["language", "unsupervised", "probe"]

@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from clips4.data.prepare import normalize_images
 from clips4.progress import track
 from clips4.atomic import atomic_write
 
@@ -378,12 +379,6 @@ def images_to_tensor(images: np.ndarray | torch.Tensor, size: int, device: torch
     return x
 
 
-def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
-
-
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Flips, quarter turns, mild brightness/contrast: nothing leaves the frame and no hue moves, so captions hold."""
     n = x.shape[0]
@@ -524,7 +519,7 @@ def pretrain_synthetic(
         running = 0.0
         for step in track(range(steps_per_epoch), f"teacher pre-training epoch {epoch + 1}/{epochs}", unit="batch"):
             idx = order[step * batch_size : (step + 1) * batch_size]
-            x = normalize(_augment(pixels[idx], generator), pp["mean"], pp["std"])
+            x = normalize_images(_augment(pixels[idx], generator), pp["mean"], pp["std"])
             image_features, text_features, logit_scale = model(x, sampler(idx, generator))[:3]
             loss = loss_fn(image_features, text_features, logit_scale)
             optimizer.zero_grad(set_to_none=True)
@@ -555,7 +550,8 @@ def encode_images(teacher: Teacher, images: np.ndarray, batch_size: int = 256) -
     out = []
     for i in range(0, len(images), batch_size):
         x = images_to_tensor(images[i : i + batch_size], teacher.image_size, teacher.device)
-        out.append(F.normalize(teacher.model.encode_image(normalize(x, teacher.mean, teacher.std)).float(), dim=-1))
+        embedded = teacher.model.encode_image(normalize_images(x, teacher.mean, teacher.std))
+        out.append(F.normalize(embedded.float(), dim=-1))
     return torch.cat(out)
 
 

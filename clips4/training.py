@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.ops import roi_align
 
 from clips4.config import TrainConfig
+from clips4.data.prepare import normalize_images, to_unit_images
 from clips4.losses import (
     embedding_consistency,
     pixel_segment_contrastive,
@@ -200,16 +201,6 @@ class Batch:
 
 def read_batch(data: TrainData, indices: np.ndarray) -> Batch:
     return Batch(take(data.images, indices), take(data.regions, indices), take(data.clip_maps, indices))
-
-
-def normalize_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """[B,3,H,W] in [0,1] -> the teacher's input normalisation (the student sees the same statistics)."""
-    return (images - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-
-
-def to_unit_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 [B,H,W,3] -> float [B,3,H,W] in [0,1] on ``device``."""
-    return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255)
 
 
 def poly_decay(total_steps: int) -> Callable[[int], float]:

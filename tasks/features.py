@@ -37,7 +37,7 @@ from clips4.device import resolve_device
 from clips4.maskclip import DenseFeatures, extract_dense, prompt_templates, text_embeddings
 from clips4.overlap import WorkAhead, WriteBehind
 from clips4.progress import track
-from clips4.training import normalize_images, to_unit_images
+from clips4.data.prepare import normalize_images, to_unit_images
 from clips4.storage import ArtifactFiles, Store
 from clips4.tasks.common import StageResult, run_stage, stage_key
 from clips4.tasks.readers import CLASSES, TEACHER_INFO, DataArtifact, FeaturesArtifact, keys_kept, load_teacher

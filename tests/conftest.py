@@ -14,6 +14,10 @@ from clips4.config import PipelineConfig, resolve_config
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+# Prefect configures logging when its flow and task machinery is first imported, replacing the root logger's
+# handlers. Done here, before any test starts, it cannot remove the handler a test's caplog put there.
+from prefect import flow, task  # noqa: E402, F401
+
 TINY_CONFIG = Path(__file__).resolve().with_name("tiny.yaml")
 
 

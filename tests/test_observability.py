@@ -136,10 +136,6 @@ def test_a_pipeline_run_shows_library_logs_progress_and_tables(tmp_path, prefect
 
     from clips4.flows.pipeline import clips4_pipeline
 
-    # Prefect configures logging when its flow machinery is first imported, replacing the root logger's handlers;
-    # in a test that runs first, that removes caplog's handler, so it goes back on.
-    if caplog.handler not in logging.getLogger().handlers:
-        logging.getLogger().addHandler(caplog.handler)
     # The tests run Prefect at WARNING (conftest); a level set on the clips4 loggers is what the run logs use.
     caplog.set_level(logging.INFO, logger=LIBRARY_LOGGER)
     state = clips4_pipeline(preset=None, config_file=str(TINY_CONFIG), store=str(tmp_path), return_state=True)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from clips4.data.io import read_image
@@ -30,3 +31,16 @@ def resize_labels(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if label.shape[:2] == tuple(size):
         return label
     return np.asarray(Image.fromarray(label).resize((size[1], size[0]), Image.NEAREST))
+
+
+def to_unit_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 [B,H,W,3] -> float [B,3,H,W] in [0,1] on ``device``."""
+    return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255)
+
+
+def normalize_images(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
+                     std: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """[B,3,H,W] in [0,1] -> a model's input normalisation: the teacher's mean and std, which the student shares."""
+    m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - m) / s
