@@ -2,8 +2,8 @@
 
 The stage adds image decoding and resizing (``features.num_workers`` threads ahead of the teacher), Zarr writes (a
 thread behind it), the class names' text embeddings (beside the shards) and Prefect orchestration around the
-extraction. On this machine's CPU all of that competes with the extraction for the same cores; on a GPU host it runs
-on cores the extraction leaves free. So the stage runs twice: with the real teacher on this machine's device, and
+extraction. On a CPU-only host all of that competes with the extraction for the same cores; on a GPU host it runs
+on cores the extraction leaves free. So the stage runs twice: with the real teacher on the host's device, and
 with a simulated accelerator, a sleep of ``--gpu-ms`` per image that leaves the host's cores free, as a GPU does.
 Printed: the ratio (stage images/s) / (extraction images/s), the overhead per image (split into the shard loop's and
 the fixed cost of a run), the host work the overlap hides, and, from the simulated run, the per-image overhead left
