@@ -57,9 +57,9 @@ from clips4.metrics import ConfusionMatrix, segmentation_scores
 from clips4.progress import track
 from clips4.protocol import predict_labels, protocol_scores
 from clips4.sampling import strided
+from clips4.student import PixelEncoder
 from clips4.teacher import Teacher
 from clips4.data.prepare import normalize_images, to_unit_images
-from clips4.training import embed_images
 
 Model = Literal["maskclip", "clips4"]
 Task = Literal["language", "unsupervised", "probe"]
@@ -115,10 +115,9 @@ def maskclip_model(teacher: Teacher, *, size: int, device: torch.device, batch_s
     return DenseModel(encode, size, input_stride(teacher.model))
 
 
-def student_model(student: torch.nn.Module, *, size: int, mean: Sequence[float], std: Sequence[float],
-                  device: torch.device, batch_size: int = 16) -> DenseModel:
-    """A trained student's unit embeddings, its input normalised with the teacher's ``mean`` and ``std``."""
-    return DenseModel(lambda images: embed_images(student, images, tuple(mean), tuple(std), device, batch_size), size)
+def student_model(student: PixelEncoder, *, batch_size: int = 16) -> DenseModel:
+    """A trained student's unit embeddings, at its training input side and with its own normalisation."""
+    return DenseModel(lambda images: student.embed(images, batch_size), student.preprocessing.input_size)
 
 
 @dataclass(frozen=True)

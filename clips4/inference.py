@@ -17,8 +17,8 @@ from clips4.maskclip import prompt_templates, text_embeddings
 from clips4.progress import track
 from clips4.protocol import protocol_scores
 from clips4.sampling import STATISTICS_IMAGES, strided
+from clips4.student import PixelEncoder
 from clips4.teacher import Teacher
-from clips4.training import embed_images
 
 if TYPE_CHECKING:
     import zarr
@@ -77,12 +77,12 @@ def embed_multiscale(embed: Callable[[np.ndarray], torch.Tensor], images: Sequen
     return F.normalize(total, dim=1)
 
 
-def student_embedder(student: torch.nn.Module, input_size: int, mean: Sequence[float], std: Sequence[float],
-                     device: torch.device, batch_size: int, scales: Sequence[float]) -> Callable[[Sequence[np.ndarray]], torch.Tensor]:
+def student_embedder(student: PixelEncoder, batch_size: int,
+                     scales: Sequence[float]) -> Callable[[Sequence[np.ndarray]], torch.Tensor]:
     """uint8 RGB images (any sizes) -> the student's unit embeddings [B,D,h,w], averaged over ``scales`` x its
-    training input side ``input_size`` (:func:`embed_multiscale`)."""
-    embed = lambda x: embed_images(student, x, tuple(mean), tuple(std), device, batch_size)  # noqa: E731
-    return lambda images: embed_multiscale(embed, images, input_size, scales)
+    training input side (:func:`embed_multiscale`)."""
+    size = student.preprocessing.input_size
+    return lambda images: embed_multiscale(lambda x: student.embed(x, batch_size), images, size, scales)
 
 
 @torch.no_grad()
@@ -109,11 +109,8 @@ def embedding_centre(embed: Callable[[np.ndarray], torch.Tensor], images: np.nda
 class Segmenter:
     """A student and the teacher's text tower: names -> text embeddings -> per-pixel nearest class."""
 
-    student: torch.nn.Module
+    student: PixelEncoder  # its training input side is the one test scales multiply
     teacher: Teacher
-    input_size: int  # the student's training input side; test scales multiply it
-    mean: Sequence[float]
-    std: Sequence[float]
     device: torch.device
     centre: torch.Tensor | None = None  # the student's embedding centre; see clips4.evaluation.language_logits
     scales: Sequence[float] = (1.0,)
@@ -125,8 +122,7 @@ class Segmenter:
 
     def embed(self, images: Sequence[np.ndarray], batch_size: int = 16) -> torch.Tensor:
         """Student embeddings [B,D,h,w] of uint8 RGB images, averaged over the test scales (:func:`embed_multiscale`)."""
-        embed = student_embedder(self.student, self.input_size, self.mean, self.std, self.device, batch_size, self.scales)
-        return embed(images)
+        return student_embedder(self.student, batch_size, self.scales)(images)
 
     @torch.no_grad()
     def class_embeddings(self, synonyms: list[list[str]]) -> torch.Tensor:
@@ -141,7 +137,7 @@ class Segmenter:
         out: list[np.ndarray] = []
         if self.evaluate.protocol != "stored":
             def score(windows: np.ndarray) -> torch.Tensor:
-                emb = embed_images(self.student, windows, tuple(self.mean), tuple(self.std), self.device, batch_size)
+                emb = self.student.embed(windows, batch_size)
                 return language_logits(emb.to(self.device), text, self.centre, bias)
 
             for im in images:

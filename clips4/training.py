@@ -9,10 +9,9 @@ share of every global batch; rank 0 alone writes checkpoints and refreshes the u
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +23,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.ops import roi_align
 
 from clips4.config import TrainConfig
-from clips4.data.prepare import normalize_images, to_unit_images
+from clips4.data.prepare import to_unit_images
 from clips4.losses import (
     embedding_consistency,
     pixel_segment_contrastive,
@@ -41,7 +40,7 @@ from clips4.losses import (
 from clips4.progress import track
 from clips4.prototypes import LabelRule, move_across_gap, spherical_kmeans
 from clips4.segments import segment_views
-from clips4.student import PixelEncoder, build_student
+from clips4.student import PixelEncoder, Preprocessing, build_student, save_student
 from clips4.views import ViewBatch, cell_footprints, color_jitter, sample_views, warp
 from clips4.atomic import atomic_write
 
@@ -239,7 +238,6 @@ def step_losses(
     targets: torch.Tensor,
     *,
     gap: torch.Tensor,
-    mean_std: tuple[torch.Tensor, torch.Tensor],
     generator: torch.Generator,
     device: torch.device,
     rule: LabelRule = LabelRule(),
@@ -258,7 +256,7 @@ def step_losses(
     pixels = color_jitter(warp(images.repeat(2, 1, 1, 1), views), cfg.color_jitter, generator,
                           grayscale_p=cfg.grayscale)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-        z = model(normalize_images(pixels, *mean_std))
+        z = model(getattr(model, "module", model).normalize(pixels))  # DDP wraps the student in .module
     z = z.float()
 
     losses: dict[str, torch.Tensor] = {}
@@ -336,7 +334,6 @@ def train_step(
     cfg: TrainConfig,
     targets: torch.Tensor,
     gap: torch.Tensor,
-    mean_std: tuple[torch.Tensor, torch.Tensor],
     generator: torch.Generator,
     device: torch.device,
     group: Distributed,
@@ -346,8 +343,8 @@ def train_step(
     """One optimiser step; returns the loss values to log (components unweighted, total weighted; averaged over
     DDP ranks), the gap-corrected CLIP segment embeddings of the batch (None when no loss needed segments) and
     L_sem's segment labels (None without L_sem)."""
-    losses, u, labels = step_losses(net, batch, cfg, targets, gap=gap, mean_std=mean_std, generator=generator,
-                                    device=device, rule=rule, num_known=num_known)
+    losses, u, labels = step_losses(net, batch, cfg, targets, gap=gap, generator=generator, device=device,
+                                    rule=rule, num_known=num_known)
     weights = loss_weights(cfg)
     total = sum(weights[name] * value for name, value in losses.items())
     if not torch.isfinite(total):
@@ -381,27 +378,6 @@ def setup_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
     return Distributed(dist.get_rank(), dist.get_world_size(), enabled=True, owns_group=owns), device
 
 
-def save_student(model: PixelEncoder, path: Path, cfg: TrainConfig, step: int) -> None:
-    """Weights as safetensors, with what :func:`load_student` needs to rebuild the network in the metadata."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"student": cfg.student, "width": str(cfg.width), "context": json.dumps(cfg.context),
-            "out_dim": str(model.out_dim), "step": str(step)}
-    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
-
-
-def load_student(path: Path, device: torch.device) -> PixelEncoder:
-    """Rebuild a trained student from ``student.safetensors`` (architecture from its metadata), in eval mode."""
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
-    if not {"student", "width", "context", "out_dim"} <= meta.keys():
-        raise ValueError(f"{path} has no clips4 student metadata (student, width, context, out_dim); it was not "
-                         "written by this version of clips4.training: train it again")
-    model = build_student(meta["student"], int(meta["out_dim"]), int(meta["width"]),  # type: ignore[arg-type]
-                          context=json.loads(meta["context"]))
-    model.load_state_dict(load_file(str(path)))
-    return model.to(device).eval()
-
-
 def losses_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "component", "value"])
 
@@ -409,21 +385,21 @@ def losses_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 def train_student(
     data: TrainData,
     cfg: TrainConfig,
-    teacher_mean_std: tuple[tuple[float, float, float], tuple[float, float, float]],
+    normalization: tuple[Sequence[float], Sequence[float]],
     workdir: Path,
     device: torch.device,
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train the student for ``cfg.steps`` optimiser steps, resuming from the checkpoint in ``workdir`` if any.
 
-    ``teacher_mean_std`` is the teacher's input (mean, std); ``log`` receives progress messages (start/resume,
+    ``normalization`` is the teacher's pixel (mean, std), which the student adopts (:class:`Preprocessing`); ``log`` receives progress messages (start/resume,
     checkpoints, prototype refreshes). Writes ``student.safetensors``, ``train_state.pt`` and ``losses.csv`` to
     ``workdir`` every ``cfg.checkpoint_every`` steps and at the end.
     """
     loss_weights(cfg)  # refuse an all-zero loss before joining any process group
     group, device = setup_distributed(device)
     try:
-        result = _train(data, cfg, teacher_mean_std, Path(workdir), device, group, log or logger.info)
+        result = _train(data, cfg, normalization, Path(workdir), device, group, log or logger.info)
         if group.enabled:
             dist.barrier()
         return result
@@ -435,7 +411,7 @@ def train_student(
 def _train(
     data: TrainData,
     cfg: TrainConfig,
-    teacher_mean_std: tuple[tuple[float, float, float], tuple[float, float, float]],
+    normalization: tuple[Sequence[float], Sequence[float]],
     workdir: Path,
     device: torch.device,
     group: Distributed,
@@ -451,7 +427,10 @@ def _train(
 
     with torch.random.fork_rng(devices=[]):  # same initial weights on every rank and in every rerun
         torch.manual_seed(cfg.seed)
-        model = build_student(cfg.student, data.dim, cfg.width, cfg.backbone_weights, cfg.context)
+        preprocessing = Preprocessing(cfg.input_size, tuple(map(float, normalization[0])),  # type: ignore[arg-type]
+                                      tuple(map(float, normalization[1])))
+        model = build_student(cfg.student, data.dim, preprocessing, width=cfg.width,
+                              backbone_weights=cfg.backbone_weights, context=cfg.context)
     if group.world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
@@ -476,7 +455,6 @@ def _train(
     net: nn.Module = model
     if group.enabled:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    mean_std = (torch.tensor(teacher_mean_std[0], device=device), torch.tensor(teacher_mean_std[1], device=device))
     refresh = cfg.refresh_every > 0 and len(prototypes) > 0 and "sem" in loss_weights(cfg)  # only L_sem uses them
 
     label_counts = torch.zeros(2, dtype=torch.long)  # L_sem labels that were known classes, all L_sem labels
@@ -495,8 +473,8 @@ def _train(
             generator = torch.Generator().manual_seed(derive_seed(cfg.seed, _VIEW_STREAM, step, group.rank))
             targets = torch.cat([known_text, prototypes])
             values, u, labels = train_step(
-                net, optimizer, scheduler, batch, cfg=cfg, targets=targets, gap=gap, mean_std=mean_std,
-                generator=generator, device=device, group=group, rule=data.label_rule, num_known=len(known_text),
+                net, optimizer, scheduler, batch, cfg=cfg, targets=targets, gap=gap, generator=generator,
+                device=device, group=group, rule=data.label_rule, num_known=len(known_text),
             )
             rows.extend({"step": step, "component": name, "value": value} for name, value in values.items())
             if labels is not None:
@@ -509,7 +487,7 @@ def _train(
                 prototypes = refresh_prototypes(buffer, known_text, prototypes, cfg.seed + done, group, say)
             if is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
                 save_checkpoint(workdir, model, optimizer=optimizer, scheduler=scheduler, buffer=buffer,
-                                prototypes=prototypes, rows=rows, cfg=cfg, step=done)
+                                prototypes=prototypes, rows=rows, step=done)
                 shown = ", ".join(f"{name} {value:.4f}" for name, value in values.items())
                 share = f"; {label_share(label_counts):.1%} of L_sem labels known classes" if label_counts[1] else ""
                 say(f"step {done}: loss {shown}{share}; checkpoint written to {workdir}")
@@ -561,11 +539,10 @@ def save_checkpoint(
     buffer: EmbeddingBuffer,
     prototypes: torch.Tensor,
     rows: list[dict[str, Any]],
-    cfg: TrainConfig,
     step: int,
 ) -> None:
     """Weights, loss log, then the state file last: the state's step is what a resumed run trusts."""
-    save_student(model, workdir / WEIGHTS_FILE, cfg, step)
+    save_student(model, workdir / WEIGHTS_FILE, step)
     atomic_write(workdir / LOSSES_FILE, lambda tmp: losses_frame(rows).to_csv(tmp, index=False))
     state = {
         "step": step,
@@ -609,26 +586,3 @@ def load_checkpoint(
         frame = pd.read_csv(workdir / LOSSES_FILE)
         rows = frame[frame["step"] < step].to_dict("records")
     return step, state["prototypes"].to(device), rows
-
-
-@torch.no_grad()
-def embed_images(
-    model: nn.Module,
-    images: np.ndarray,
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
-    device: torch.device,
-    batch_size: int = 16,
-) -> torch.Tensor:
-    """Student pixel embeddings float32 [B,D,h,w] (on the CPU) of uint8 images [B,H,W,3], in eval mode."""
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"embed_images expects uint8 RGB images [B,H,W,3], got shape {images.shape}")
-    was_training = model.training
-    model.eval()
-    mean_t, std_t = torch.tensor(mean, device=device), torch.tensor(std, device=device)
-    out = [
-        model(normalize_images(to_unit_images(images[i : i + batch_size], device), mean_t, std_t)).float().cpu()
-        for i in range(0, len(images), batch_size)
-    ]
-    model.train(was_training)
-    return torch.cat(out)

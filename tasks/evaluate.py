@@ -48,9 +48,7 @@ def build_evaluate(cfg: PipelineConfig, store: Store, upstream: dict[str, str], 
                                  amp=cfg.features.amp)
     if "train" in upstream:
         trained = TrainArtifact.open(store, upstream["train"])
-        model, info = trained.student(device)
-        student = student_model(model, size=info["input_size"], mean=info["mean"], std=info["std"], device=device,
-                                batch_size=e.batch_size)
+        student = student_model(trained.student(device), batch_size=e.batch_size)
         centre = trained.centre()
     inputs = EvalInputs(
         evaluated=read_split(cfg, data, feats, e.split),

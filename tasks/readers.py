@@ -18,6 +18,7 @@ import torch
 from clips4.config import DataConfig, FeaturesConfig
 from clips4.data.records import ClassInfo, Record
 from clips4.storage import ArtifactFiles, Store
+from clips4.student import PixelEncoder, Preprocessing, load_student
 
 CONFIG = "config.yaml"  # every artifact's own config section, written by tasks.common.run_stage
 RECORDS = "records"
@@ -230,10 +231,10 @@ class TrainArtifact(StoredArtifact):
     def info(self) -> dict:
         return self.files.read_json(STUDENT_INFO)
 
-    def student(self, device: torch.device) -> tuple[torch.nn.Module, dict]:
-        from clips4.training import load_student
-
-        return load_student(self.files.file(STUDENT), device), self.info
+    def student(self, device: torch.device) -> PixelEncoder:
+        """The trained student, on ``device`` in eval mode; students saved before their weights file carried their
+        preprocessing take it from ``student.json``."""
+        return load_student(self.files.file(STUDENT), device, Preprocessing.from_dict(self.info))
 
     @cached_property
     def prototypes(self) -> dict[str, torch.Tensor]:

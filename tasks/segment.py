@@ -55,13 +55,12 @@ def load_segmenter(store: Store, checkpoint: str | None, device: str = "auto", s
     key = resolve_train_key(store, checkpoint)
     dev = resolve_device(device)
     trained = TrainArtifact.open(store, key)
-    model, info = trained.student(dev)
+    model = trained.student(dev)
     teacher_key = store.ancestor(key, "teacher")
     if teacher_key is None:
         raise StoreError(f"the teacher that {key} was trained against is not in {store.root}; its text tower names classes")
     teacher = load_teacher(store.open(teacher_key), dev)
-    segmenter = Segmenter(model, teacher, info["input_size"], info["mean"], info["std"], dev, trained.centre(), scales,
-                          evaluate or EvaluateConfig())
+    segmenter = Segmenter(model, teacher, dev, trained.centre(), scales, evaluate or EvaluateConfig())
     return segmenter, key, teacher_key
 
 

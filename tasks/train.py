@@ -70,18 +70,12 @@ def build_train(cfg: PipelineConfig, store: Store, upstream: dict[str, str], fil
     workdir, device = files.file(CHECKPOINTS), resolve_device(t.device)
     result = train_student(train_data, t, (teacher["mean"], teacher["std"]), workdir, device)
     shutil.copyfile(workdir / WEIGHTS_FILE, files.file(STUDENT))  # final weights, architecture in the metadata
-    embed = student_embedder(result.model, t.input_size, teacher["mean"], teacher["std"], device, CENTRE_BATCH, (1.0,))
+    embed = student_embedder(result.model, CENTRE_BATCH, (1.0,))
     centre = embedding_centre(embed, train_data.images)
     files.save_tensors(PROTOTYPES, {**protos, "unknown": torch.as_tensor(result.prototypes).float(), "centre": centre})
     files.write_json(
         STUDENT_INFO,
-        {
-            "student": t.student,
-            "input_size": t.input_size,
-            "mean": teacher["mean"],
-            "std": teacher["std"],
-            "steps": result.steps_done,
-        },
+        {"student": t.student, **result.model.preprocessing.to_dict(), "steps": result.steps_done},
     )
     files.write_table("losses", result.losses, also=("csv",))
     plot_curves(result.losses, files.file("losses.png"))

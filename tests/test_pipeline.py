@@ -106,8 +106,7 @@ def test_the_train_stage_stores_where_the_student_embeddings_sit(shared) -> None
 
     trained = TrainArtifact.open(shared.store, shared.first["train"].key)
     assert trained.gap() is not None
-    model, info = trained.student(torch.device("cpu"))
-    embed = student_embedder(model, info["input_size"], info["mean"], info["std"], torch.device("cpu"), 8, (1.0,))
+    embed = student_embedder(trained.student(torch.device("cpu")), 8, (1.0,))
     remeasured = embedding_centre(embed, DataArtifact.open(shared.store, shared.first["data"].key).train_images())
     torch.testing.assert_close(trained.centre(), remeasured)
     assert 0.0 < trained.centre().norm() < 1.0

@@ -16,10 +16,9 @@ from clips4.training import (
     STATE_FILE,
     TrainData,
     batch_indices,
-    embed_images,
-    load_student,
     train_student,
 )
+from clips4.student import load_student
 
 MEAN_STD = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 CPU = torch.device("cpu")
@@ -272,14 +271,15 @@ def test_batches_cover_every_image_once_per_epoch():
     assert len(spanning) == 6
 
 
-def test_embed_images_and_load_student(tmp_path):
+def test_the_trained_student_embeds_images_and_reloads(tmp_path):
     result = run(tmp_path, steps=1)
     images = tiny_arrays()["images"][:5]
-    emb = embed_images(result.model, images, *MEAN_STD, CPU, batch_size=2)
+    emb = result.model.embed(images, batch_size=2)
     assert emb.shape == (5, DIM, SIZE // result.model.stride, SIZE // result.model.stride)  # full images, not views
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(5, *emb.shape[2:]))
     reloaded = load_student(tmp_path / "student.safetensors", CPU)
-    torch.testing.assert_close(embed_images(reloaded, images, *MEAN_STD, CPU), emb)
+    assert reloaded.preprocessing.mean == MEAN_STD[0] and reloaded.preprocessing.std == MEAN_STD[1]
+    torch.testing.assert_close(reloaded.embed(images), emb)
 
 
 def test_mismatched_inputs_are_refused():
@@ -346,7 +346,7 @@ def test_text_side_embedding_targets_follow_the_gap(tmp_path, pooling):
     for space in ("image", "text"):
         cfg = tiny_cfg(steps=30, lambda_contrast=0.0, lambda_sem=0.0, emb_pooling=pooling, emb_space=space, lr=0.05)
         result = train_student(TrainData(**arrays, gap=gap), cfg, MEAN_STD, tmp_path / space, CPU)
-        emb = embed_images(result.model, arrays["images"], *MEAN_STD, CPU)
+        emb = result.model.embed(arrays["images"])
         mean_axis0[space] = float(emb[:, 0].mean())
     assert mean_axis0["text"] > 0.9 > 0.5 > mean_axis0["image"]
 
