@@ -5,6 +5,7 @@ the best clips4 row's figures as the mean over worlds and the change from the de
 Writes ``ablation.md`` and ``ablation.csv`` into ``--out``. Choices are made with ``--split val``; the reported table
 uses the worlds and split of bench/worlds.py.
 Run: python bench/ablation.py --seeds 1 2 3 4 5 --split test
+     python bench/ablation.py --seeds 1 2 --variants "with L_sem" "no share floor"     (some variants)
      python bench/ablation.py --seeds 0 --split val --departures        (the departures, where choices are made)
 """
 
@@ -40,13 +41,32 @@ def loss_variants() -> dict[str, list[str]]:
     return variants
 
 
+def report(args, variants: dict[str, list[str]], rows: dict[str, pd.Series], tidy: list[pd.DataFrame]) -> None:
+    """Write the table of the variants measured so far (called after each, so a long sweep shows its progress)."""
+    table = pd.DataFrame(rows).T
+    delta = (table - table.loc["demo"]).round(1).add_prefix("Δ ")
+    overrides = pd.Series({name: " ".join(variants[name]) or "(the demo)" for name in rows}, name="overrides")
+    markdown = "\n".join([
+        f"## Ablation over worlds {', '.join(map(str, args.seeds))}, split `{args.split}`", "",
+        f"Each variant adds its overrides to `{command(world_overrides(args.seeds[0], args.split))}` (per world: its "
+        "seed and held-out pair). Figures: the best clips4 row (clips4 or clips4+tta), mIoU in points, mean over "
+        "worlds; Δ: change from the demo.", "",
+        pd.concat([overrides, table, delta[[c for c in delta.columns if "language" in c]]], axis=1).to_markdown(), ""])
+    write(args.out, "ablation", markdown, pd.concat(tidy, ignore_index=True))
+
+
 def main() -> None:
     parser = cli(__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--split", default="test")
     parser.add_argument("--departures", action="store_true", help="also put back each departure from the paper")
+    parser.add_argument("--variants", nargs="+", help="only these variants (names as in the table), in this order")
     args = parser.parse_args()
-    variants = {"demo": [], **loss_variants(), **TEST_TIME, **(DEPARTURES if args.departures else {})}
+    variants = {**loss_variants(), **TEST_TIME, **(DEPARTURES if args.departures else {})}
+    unknown = set(args.variants or []) - variants.keys()
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)}")
+    variants = {"demo": [], **{name: variants[name] for name in (args.variants or variants)}}
     rows, tidy = {}, []
     for name, extra in variants.items():
         per_world = []
@@ -55,16 +75,7 @@ def main() -> None:
             per_world.append(best_of(wide(metrics), "clips4"))
             tidy.append(metrics.assign(variant=name, seed=seed, split=args.split))
         rows[name] = pd.concat(per_world, axis=1).mean(axis=1).round(1)
-    table = pd.DataFrame(rows).T
-    delta = (table - table.loc["demo"]).round(1).add_prefix("Δ ")
-    overrides = pd.Series({name: " ".join(extra) or "(the demo)" for name, extra in variants.items()}, name="overrides")
-    markdown = "\n".join([
-        f"## Ablation over worlds {', '.join(map(str, args.seeds))}, split `{args.split}`", "",
-        f"Each variant adds its overrides to `{command(world_overrides(args.seeds[0], args.split))}` (per world: its "
-        "seed and held-out pair). Figures: the best clips4 row (clips4 or clips4+tta), mIoU in points, mean over "
-        "worlds; Δ: change from the demo.", "",
-        pd.concat([overrides, table, delta[[c for c in delta.columns if "language" in c]]], axis=1).to_markdown(), ""])
-    write(args.out, "ablation", markdown, pd.concat(tidy, ignore_index=True))
+        report(args, variants, rows, tidy)
 
 
 if __name__ == "__main__":
