@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clips4.atomic import atomic_write
+from clips4.checkpoints import unwrap_state_dict
 from clips4.data.prepare import normalize_images, to_unit_images
 
 StudentName = Literal["small_cnn", "resnet50", "resnet101"]
@@ -101,16 +102,15 @@ def load_backbone_weights(net: nn.Module, path: Path, student: str) -> None:
                                 "or set it to null for random initialisation")
     wrong = f"backbone weights file {path} is not {student} weights"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - no torch file, a pickled whole model, ...: the same fix for the user
         raise ValueError(f"{wrong} (torch.load reads no state dict from it: {type(err).__name__}); "
                          f"{imagenet_weights_hint(student)}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{wrong} (it holds a {type(state).__name__}, not a state dict); "
+    state = unwrap_state_dict(loaded)
+    if state is None:
+        raise ValueError(f"{wrong} (it holds a {type(loaded).__name__}, not a state dict); "
                          f"{imagenet_weights_hint(student)}")
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches, one line each

@@ -36,6 +36,7 @@ from torch import nn
 from clips4.data.prepare import normalize_images
 from clips4.progress import track
 from clips4.atomic import atomic_write
+from clips4.checkpoints import unwrap_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +119,16 @@ def _state_dict_keys(path: Path) -> set[str]:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
                 return set(f.keys())
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # noqa: BLE001 - any failure to read it means the same to the user
         reason = re.split(r"(?<=\.)\s", (str(err).strip().splitlines() or [""])[0])[0]  # its first sentence
         raise TeacherLoadError(f"teacher checkpoint {path} is not a readable checkpoint ({type(err).__name__}: "
                                f"{reason}); set teacher.pretrained to an intact state-dict file") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise TeacherLoadError(f"teacher checkpoint {path} holds a {type(state).__name__}, not a state dict; "
+    state = unwrap_state_dict(loaded)
+    if state is None:
+        raise TeacherLoadError(f"teacher checkpoint {path} holds a {type(loaded).__name__}, not a state dict; "
                                "set teacher.pretrained to a file saved from model.state_dict()")
-    return {str(k).removeprefix("module.") for k in state}
+    return set(state)
 
 
 def _openai_release(path: Path) -> str | None:
