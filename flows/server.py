@@ -113,9 +113,9 @@ def _server_log() -> Path:
 
 def _start(port: int, log: Path) -> subprocess.Popen[bytes]:
     """Prefect's ephemeral server app under uvicorn: no UI, only the services an ephemeral server runs, this
-    process's Prefect settings (PREFECT_HOME and its database). It runs in its own POSIX process session (setsid),
-    so a Ctrl-C at the terminal reaches only this process, which still needs the server to record the run's final
-    state before stopping it."""
+    process's Prefect settings (PREFECT_HOME and its database). setsid detaches it from the terminal, so a Ctrl-C
+    there reaches only this process, which still needs the server to record the run's final state before stopping
+    it."""
     env = {
         **os.environ,
         **get_current_settings().to_environment_variables(exclude_unset=True),

@@ -24,7 +24,7 @@ HANG_GUARD_S = 300  # generous bounds that only keep a broken test from hanging
 
 
 class Run:
-    """``clips4 run`` of the tiny world in its own POSIX process session (setsid), with its output collected as it
+    """``clips4 run`` of the tiny world detached from the terminal by setsid, with its output collected as it
     comes."""
 
     def __init__(self, tmp_path: Path, env: dict[str, str], *overrides: str) -> None:
