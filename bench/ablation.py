@@ -7,6 +7,7 @@ uses the worlds and split of bench/worlds.py.
 Run: python bench/ablation.py --seeds 1 2 3 4 5 --split test
      python bench/ablation.py --seeds 1 2 --variants "with L_sem" "no share floor"     (some variants)
      python bench/ablation.py --seeds 0 --split val --departures        (the departures, where choices are made)
+     python bench/ablation.py --seeds 0 --split val --labelling --out docs/results/lsem-val    (L_sem's labels)
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ DEPARTURES = {
     "patch_norm_power 1": ["train.patch_norm_power=1"],
     "grayscale views 0.2": ["train.grayscale=0.2"],
     "paper crops 0.5-1.5": ["train.crop_scale=[0.5,1.5]"],
+}
+
+# L_sem switched on with each labelling rule and weight (docs/method.md §4), where that design is chosen (val).
+LABELLING = {
+    "L_sem, known_first": ["train.lambda_sem=1", "cluster.labels=known_first"],
+    "L_sem, known_first, floor at 0.3": ["train.lambda_sem=1", "cluster.labels=known_first",
+                                         "cluster.known_quantile=0.3"],
+    "L_sem 0.3, known_first, floor at 0.3": ["train.lambda_sem=0.3", "cluster.labels=known_first",
+                                             "cluster.known_quantile=0.3"],
+    "L_sem, named clusters": ["train.lambda_sem=1", "cluster.labels=named_clusters"],
+    "L_sem 0.1, named clusters": ["train.lambda_sem=0.1", "cluster.labels=named_clusters"],
 }
 
 
@@ -60,9 +72,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--split", default="test")
     parser.add_argument("--departures", action="store_true", help="also put back each departure from the paper")
+    parser.add_argument("--labelling", action="store_true", help="also L_sem on with each labelling rule")
     parser.add_argument("--variants", nargs="+", help="only these variants (names as in the table), in this order")
     args = parser.parse_args()
-    variants = {**loss_variants(), **TEST_TIME, **(DEPARTURES if args.departures else {})}
+    variants = {**loss_variants(), **TEST_TIME, **(DEPARTURES if args.departures else {}),
+                **(LABELLING if args.labelling else {})}
     unknown = set(args.variants or []) - variants.keys()
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)}")

@@ -223,11 +223,19 @@ class ClusterConfig(Section):
         description="Cluster (and label segments) with CLIP image features moved by mean(known text) - mean(image), "
         "so text centres and prototypes compete on one scale.",
     )
-    labels: Literal["nearest", "known_first"] = Field(
+    labels: Literal["nearest", "known_first", "named_clusters"] = Field(
         "known_first",
         description="L_sem's segment labels: 'nearest' = the nearest of known texts and prototypes; 'known_first' = "
         "the known class when CLIP's softmax over the known texts is confident (known_confidence), else the nearest "
-        "prototype.",
+        "prototype; 'named_clusters' = the name of the nearest of num_centres clusters, a cluster taking a known "
+        "class when the known_first rule gives that class to name_share of its features, else being a prototype.",
+    )
+    num_centres: int = Field(
+        64, ge=1, description="named_clusters: clusters fitted on all sampled features (named ones + prototypes)."
+    )
+    name_share: float = Field(
+        0.5, gt=0, le=1, description="named_clusters: share of a cluster's features the known_first rule must give "
+        "one known class for the cluster to take that class."
     )
     known_scale: float = Field(
         100.0, gt=0, description="Logit scale of that softmax: softmax(known_scale x cosine) (CLIP's and MaskCLIP's 100)."

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -321,45 +321,130 @@ def move_across_gap(x: torch.Tensor, gap: torch.Tensor, dim: int = 1) -> torch.T
 class LabelRule:
     """How L_sem labels a CLIP segment embedding over known texts + prototypes, and which features the prototypes
     are fitted on (``cluster.labels``, ``known_scale``, ``known_confidence``, ``fit_on``; docs/method.md §4).
-    The default is docs/method.md §4 as written: the nearest target, prototypes fitted on every feature."""
+    The default is docs/method.md §4 as written: the nearest target, prototypes fitted on every feature.
+
+    ``named_clusters`` labels on the image side: ``anchors`` are the cluster centres CLIP names as a known class
+    (``anchor_class``), the prototypes the unnamed ones; a segment takes the name of its nearest centre."""
 
     labels: str = "nearest"
     known_scale: float = 100.0
     known_confidence: float = 0.5
     fit_on: str = "all"
     known_floor: float = -1.0  # cosine to the named class's text below which a segment is left to the prototypes
+    name_share: float = 0.5  # named_clusters: share of a cluster's features CLIP must give one class to name it
+    anchors: torch.Tensor | None = field(default=None, compare=False)  # named_clusters: [A, D] named centres
+    anchor_class: torch.Tensor | None = field(default=None, compare=False)  # [A] known-class index of each anchor
 
     @classmethod
     def from_config(cls, cluster, known_floor: float = -1.0) -> LabelRule:
         """The rule of a :class:`~clips4.config.ClusterConfig`, with the floor the cluster stage measured."""
-        return cls(cluster.labels, cluster.known_scale, cluster.known_confidence, cluster.fit_on, known_floor)
+        return cls(cluster.labels, cluster.known_scale, cluster.known_confidence, cluster.fit_on, known_floor,
+                   cluster.name_share)
 
     def with_floor(self, x: np.ndarray, known_text: np.ndarray, quantile: float) -> LabelRule:
         """This rule with ``known_floor`` at the ``quantile`` of the cosines of ``x`` to their nearest known text:
         that share of the features, those least like any known class, is left to the prototypes."""
-        if self.labels != "known_first" or quantile <= 0 or len(known_text) == 0 or len(x) == 0:
+        if self.labels == "nearest" or quantile <= 0 or len(known_text) == 0 or len(x) == 0:
             return self
         nearest = (torch.from_numpy(np.ascontiguousarray(x, np.float32))
                    @ torch.from_numpy(np.ascontiguousarray(known_text, np.float32)).T).max(1).values
         return replace(self, known_floor=float(torch.quantile(nearest, quantile)))
 
+    def with_anchors(self, anchors: np.ndarray | torch.Tensor, anchor_class: np.ndarray | torch.Tensor) -> LabelRule:
+        """This rule with the named centres of :func:`named_clusters` (float32 [A, D], int64 [A])."""
+        return replace(self, anchors=torch.as_tensor(anchors, dtype=torch.float32),
+                       anchor_class=torch.as_tensor(anchor_class, dtype=torch.int64))
+
     def label(self, clip_seg: torch.Tensor, targets: torch.Tensor, num_known: int) -> torch.Tensor:
-        """Index into ``targets`` (known texts first) per row of ``clip_seg``: :func:`clips4.losses.semantic_labels`."""
-        return semantic_labels(clip_seg, targets, num_known, self.labels, self.known_scale, self.known_confidence,
-                               self.known_floor)
+        """Index into ``targets`` (known texts first) per row of ``clip_seg``: :func:`clips4.losses.semantic_labels`,
+        or for ``named_clusters`` the name of the nearest centre (an anchor's class, or the prototype itself)."""
+        if self.labels != "named_clusters":
+            return semantic_labels(clip_seg, targets, num_known, self.labels, self.known_scale,
+                                   self.known_confidence, self.known_floor)
+        if self.anchors is None or self.anchor_class is None:
+            raise ValueError("the named_clusters rule needs the cluster stage's anchors (LabelRule.with_anchors)")
+        with torch.no_grad():
+            u = clip_seg.float()
+            to_anchor = (u @ self.anchors.to(u).T).max(1) if len(self.anchors) else None
+            protos = targets[num_known:].float()
+            to_proto = (u @ protos.T).max(1) if len(protos) else None
+            if to_proto is None:
+                return self.anchor_class.to(u.device)[to_anchor.indices]
+            if to_anchor is None:
+                return num_known + to_proto.indices
+            return torch.where(to_anchor.values >= to_proto.values,
+                               self.anchor_class.to(u.device)[to_anchor.indices], num_known + to_proto.indices)
 
     def fit_rows(self, x: np.ndarray, known_text: np.ndarray) -> np.ndarray:
-        """Rows of ``x`` the prototypes are fitted on: all, or those the rule gives no known class."""
-        if self.fit_on == "all" or len(known_text) == 0:
+        """Rows of ``x`` the prototypes are fitted on: all, or those the rule gives no known class (named clusters
+        compete with the anchors on every feature)."""
+        if self.fit_on == "all" or len(known_text) == 0 or self.labels == "named_clusters":
             return np.arange(len(x))
         x, known = (torch.from_numpy(np.ascontiguousarray(a, np.float32)) for a in (x, known_text))
         return np.flatnonzero(~self.known(x, known).numpy())
 
     def known(self, x: torch.Tensor, known_text: torch.Tensor) -> torch.Tensor:
         """Bool per row of ``x``: the known_first rule names it a known class (whatever ``labels`` says)."""
+        return self.zero_shot(x, known_text) >= 0
+
+    def zero_shot(self, x: torch.Tensor, known_text: torch.Tensor) -> torch.Tensor:
+        """Per row of ``x``, the known class the known_first rule names (confident softmax, cosine above the
+        floor), or -1."""
         peak, cls = known_confidence(x, known_text, self.known_scale)
-        return (peak >= self.known_confidence) & ((x.float() @ known_text.float().T).gather(1, cls[:, None])[:, 0]
+        sure = (peak >= self.known_confidence) & ((x.float() @ known_text.float().T).gather(1, cls[:, None])[:, 0]
                                                   >= self.known_floor)
+        return torch.where(sure, cls, -1)
+
+
+@dataclass(frozen=True)
+class NamedClusters:
+    """The cluster stage's result under ``named_clusters``: centres CLIP names (anchors) and the rest (prototypes)."""
+
+    anchors: np.ndarray  # float32 [A, D]
+    anchor_class: np.ndarray  # int64 [A], index into the known classes
+    prototypes: np.ndarray  # float32 [M, D]
+    known_sizes: np.ndarray  # int64 [K], sampled points labelled each known class
+    unknown_sizes: np.ndarray  # int64 [M], sampled points labelled each prototype
+
+
+def named_clusters(
+    features_sample: np.ndarray,
+    known_text: np.ndarray,
+    num_centres: int,
+    rule: LabelRule,
+    *,
+    iterations: int = 25,
+    seed: int = 0,
+    max_points_per_centroid: int = 100_000,
+    use_gpu: bool | None = None,
+) -> NamedClusters:
+    """Cluster the features into ``num_centres`` free centres, then let CLIP name the clusters, not the pixels.
+
+    A cluster whose features the known_first part of ``rule`` names as one known class, at least ``rule.name_share``
+    of them, becomes an anchor of that class; every other cluster is an unknown prototype. CLIP's zero-shot answer is
+    confidently wrong on a share of the pixels of a thing no known class names; voting over a cluster of alike
+    features keeps those things out of the known classes, and the anchors, being image features like the segments,
+    compete with the prototypes on one scale.
+    """
+    x = unit_rows(features_sample, "features sample")
+    known = unit_rows(known_text, "known text embeddings") if len(known_text) else known_text
+    result = spherical_kmeans(x, num_centres, iterations, seed, max_points_per_centroid, use_gpu=use_gpu)
+    named = (rule.zero_shot(torch.from_numpy(x), torch.from_numpy(known)).numpy() if len(known)
+             else np.full(len(x), -1))
+    names = np.full(num_centres, -1, np.int64)
+    for c in range(num_centres):
+        votes = named[result.assignment == c]
+        counts = np.bincount(votes[votes >= 0], minlength=max(len(known), 1))
+        if len(votes) and counts.max() >= rule.name_share * len(votes):
+            names[c] = int(counts.argmax())
+    anchors, protos = result.centroids[names >= 0], result.centroids[names < 0]
+    found = rule.with_anchors(anchors, names[names >= 0])
+    labels = found.label(torch.from_numpy(x), torch.from_numpy(np.concatenate([known, protos])), len(known)).numpy()
+    sizes = np.bincount(labels, minlength=len(known) + len(protos)).astype(np.int64)
+    unnamed = sorted(set(range(len(known))) - set(names[names >= 0].tolist()))
+    if unnamed:
+        logger.warning("named clusters: no cluster is named as known class(es) %s; L_sem never labels them", unnamed)
+    return NamedClusters(anchors, names[names >= 0], protos, sizes[: len(known)], sizes[len(known):])
 
 
 def unknown_prototypes(

@@ -484,7 +484,8 @@ def _train(
                                                                        data.known_text)).to(u.device)])
             done = step + 1
             if refresh and done % cfg.refresh_every == 0:
-                prototypes = refresh_prototypes(buffer, known_text, prototypes, cfg.seed + done, group, say)
+                fixed = known_text if data.label_rule.anchors is None else data.label_rule.anchors.to(known_text)
+                prototypes = refresh_prototypes(buffer, fixed, prototypes, cfg.seed + done, group, say)
             if is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
                 save_checkpoint(workdir, model, optimizer=optimizer, scheduler=scheduler, buffer=buffer,
                                 prototypes=prototypes, rows=rows, step=done)
@@ -510,19 +511,20 @@ def label_share(counts: torch.Tensor) -> float:
 
 def refresh_prototypes(
     buffer: EmbeddingBuffer,
-    known_text: torch.Tensor,
+    fixed: torch.Tensor,
     prototypes: torch.Tensor,
     seed: int,
     group: Distributed,
     say: Callable[[str], None],
 ) -> torch.Tensor:
-    """Re-cluster the recent CLIP segment embeddings with the known texts fixed, starting from the current
-    prototypes (docs/method.md §4); rank 0 computes, every rank receives the result."""
-    if group.rank == 0 and buffer.size >= len(known_text) + len(prototypes):
+    """Re-cluster the recent CLIP segment embeddings with the ``fixed`` centres (the known texts, or the named
+    clusters) held, starting from the current prototypes (docs/method.md §4); rank 0 computes, every rank receives
+    the result."""
+    if group.rank == 0 and buffer.size >= len(fixed) + len(prototypes):
         result = spherical_kmeans(buffer.rows(), len(prototypes), REFRESH_ITERATIONS, seed, BUFFER_SIZE,
-                                  fixed=known_text.cpu().numpy(), init=prototypes.cpu().numpy())
-        prototypes = torch.from_numpy(result.centroids[len(known_text):]).to(prototypes.device)
-        sizes = result.sizes[len(known_text):].tolist()
+                                  fixed=fixed.cpu().numpy(), init=prototypes.cpu().numpy())
+        prototypes = torch.from_numpy(result.centroids[len(fixed):]).to(prototypes.device)
+        sizes = result.sizes[len(fixed):].tolist()
         say(f"refreshed {len(prototypes)} unknown prototypes from {buffer.size} segment embeddings (sizes {sizes})")
     if group.enabled:
         prototypes = prototypes.contiguous()

@@ -8,7 +8,7 @@ import torch
 from prefect import task
 
 from clips4.config import PipelineConfig
-from clips4.prototypes import LabelRule, modality_gap, move_across_gap, unknown_prototypes
+from clips4.prototypes import LabelRule, modality_gap, move_across_gap, named_clusters, unknown_prototypes
 from clips4.sampling import sample_features
 from clips4.visualize import prototype_map
 from clips4.storage import ArtifactFiles, Store
@@ -31,18 +31,21 @@ def build_cluster(cfg: PipelineConfig, store: Store, upstream: dict[str, str], f
         sample = move_across_gap(torch.from_numpy(sample), torch.from_numpy(gap)).numpy()
     use_gpu = None if c.device == "auto" else c.device.startswith("cuda")
     rule = LabelRule.from_config(c).with_floor(sample, known, c.known_quantile)
-    protos, known_sizes, unknown_sizes = unknown_prototypes(
-        sample, known, c.num_unknown, iterations=c.iterations, seed=c.seed,
-        max_points_per_centroid=c.max_points_per_centroid, use_gpu=use_gpu, rule=rule,
-    )
+    kmeans = dict(iterations=c.iterations, seed=c.seed, max_points_per_centroid=c.max_points_per_centroid,
+                  use_gpu=use_gpu)
+    # L_sem's labelling rule needs the floor (and the named centres) in training
+    tensors = {"gap": torch.from_numpy(gap), "known_floor": torch.tensor([rule.known_floor])}
+    anchors_per_class = np.zeros(len(known_ids), np.int64)
+    if c.labels == "named_clusters":
+        found = named_clusters(sample, known, c.num_centres, rule, **kmeans)
+        protos, known_sizes, unknown_sizes = found.prototypes, found.known_sizes, found.unknown_sizes
+        tensors |= {"anchors": torch.from_numpy(found.anchors), "anchor_class": torch.from_numpy(found.anchor_class)}
+        anchors_per_class = np.bincount(found.anchor_class, minlength=len(known_ids))
+    else:
+        protos, known_sizes, unknown_sizes = unknown_prototypes(sample, known, c.num_unknown, rule=rule, **kmeans)
     files.save_tensors(
         PROTOTYPES,
-        {
-            "known": torch.from_numpy(known).float(),
-            "unknown": torch.from_numpy(protos).float(),
-            "gap": torch.from_numpy(gap),
-            "known_floor": torch.tensor([rule.known_floor]),  # L_sem's labelling rule needs it in training
-        },
+        {"known": torch.from_numpy(known).float(), "unknown": torch.from_numpy(protos).float(), **tensors},
     )
     names = [classes.names[i] for i in known_ids] + [f"unknown-{j}" for j in range(len(protos))]
     table = pd.DataFrame(
@@ -51,6 +54,7 @@ def build_cluster(cfg: PipelineConfig, store: Store, upstream: dict[str, str], f
             "role": ["known"] * len(known_ids) + ["unknown"] * len(protos),
             "class_id": known_ids + [-1] * len(protos),
             "points": np.concatenate([known_sizes, unknown_sizes]).astype(int),
+            "named_clusters": np.concatenate([anchors_per_class, np.zeros(len(protos), np.int64)]).astype(int),
         }
     )
     files.write_table("prototypes", table, also=("csv", "md"))
@@ -58,7 +62,8 @@ def build_cluster(cfg: PipelineConfig, store: Store, upstream: dict[str, str], f
     gap_norm = round(float(np.linalg.norm(gap)), 4)
     known_share = round(float(known_sizes.sum()) / max(len(sample), 1), 4)  # sampled points labelled a known class
     return {"known": len(known_ids), "unknown": len(protos), "sample": len(sample), "gap_norm": gap_norm,
-            "known_floor": round(rule.known_floor, 4), "known_label_share": known_share}
+            "known_floor": round(rule.known_floor, 4), "known_label_share": known_share,
+            "named_clusters": int(anchors_per_class.sum())}
 
 
 @task(name="cluster-stage")

@@ -59,9 +59,19 @@ def train_inputs(store: Store, upstream: dict[str, str], rule: LabelRule) -> tup
         known_text=protos["known"],  # held-out classes were never in here (cluster stage)
         prototypes=protos["unknown"],
         gap=protos.get("gap"),  # artifacts clustered without the correction have none
-        label_rule=replace(rule, known_floor=float(protos["known_floor"][0])) if "known_floor" in protos else rule,
+        label_rule=stored_rule(rule, protos),
     )
     return train_data, feats.teacher_info(), protos
+
+
+def stored_rule(rule: LabelRule, protos: dict[str, torch.Tensor]) -> LabelRule:
+    """``rule`` with what the cluster stage measured for it: the known floor and the named centres (artifacts made
+    before either existed have none)."""
+    if "known_floor" in protos:
+        rule = replace(rule, known_floor=float(protos["known_floor"][0]))
+    if "anchors" in protos:
+        rule = rule.with_anchors(protos["anchors"], protos["anchor_class"])
+    return rule
 
 
 def build_train(cfg: PipelineConfig, store: Store, upstream: dict[str, str], files: ArtifactFiles) -> dict:

@@ -159,6 +159,18 @@ def test_held_out_names_never_reach_training(shared) -> None:
     assert not set(table["name"]) & {"star", "box"}
 
 
+def test_named_clusters_reach_training_through_the_store(shared) -> None:
+    """The cluster stage stores the named centres with their classes; the train stage labels with them."""
+    named = shared.run(["cluster.labels=named_clusters", "cluster.num_centres=6"])
+    protos = shared.store.open(named["cluster"].key).load_tensors("prototypes.safetensors")
+    anchors, classes = protos["anchors"], protos["anchor_class"]
+    assert len(anchors) + len(protos["unknown"]) == 6 and len(anchors) == len(classes)
+    assert ((classes >= 0) & (classes < len(protos["known"]))).all()
+    table = shared.store.open(named["cluster"].key).read_table("prototypes")
+    assert table["named_clusters"].sum() == len(anchors) == named["cluster"].summary["named_clusters"]
+    assert named["train"].summary["known_label_share"] is not None
+
+
 def test_force_recomputes_the_stage_and_every_later_one(shared) -> None:
     """Last of the tests on the shared store: it rewrites the first run's cluster, train and evaluate artifacts."""
     forced = shared.run(force="cluster")

@@ -1,4 +1,5 @@
 import logging
+from dataclasses import replace
 
 import faiss
 import numpy as np
@@ -9,6 +10,7 @@ from clips4.prototypes import (
     LabelRule,
     modality_gap,
     move_across_gap,
+    named_clusters,
     spherical_kmeans,
     unit_rows,
     unknown_prototypes,
@@ -154,6 +156,38 @@ def test_prototypes_fit_only_what_no_known_class_explains():
     assert unknown_prototypes(x, texts, 1, iterations=10, rule=everything)[0][0] @ blob < 0.9
     nearest, known, unknown = unknown_prototypes(x, texts, 1, iterations=10)  # docs/method.md §4 as written
     assert known.sum() + unknown.sum() == 400 and known.sum() < 300
+
+
+def test_clip_names_clusters_not_pixels():
+    """Two known things and one unnamed thing that CLIP's softmax gives, feature by feature, to either known class
+    (a third of its features surely to each): the clusters of the known things are named and become anchors, the
+    unnamed thing's cluster stays a prototype, and every feature near it takes that prototype, not a known class."""
+    rng = np.random.default_rng(0)
+    texts = np.eye(8, dtype=np.float32)[:2]
+    first = unit(np.array([1.0, 0, 0, 1.0, 0, 0, 0, 0]) + 0.05 * rng.standard_normal((200, 8)))
+    second = unit(np.array([0, 1.0, 0, 0, 1.0, 0, 0, 0]) + 0.05 * rng.standard_normal((200, 8)))
+    lean = np.repeat(np.array([[0.12, 0], [0, 0.12], [0, 0]]), [40, 40, 40], axis=0)  # surely first, second, unsure
+    unnamed = unit(np.concatenate([lean, np.tile([[0, 0, 0, 0, 0, 1.0]], (120, 1))], axis=1)
+                   + 0.01 * rng.standard_normal((120, 8)))
+    x = np.concatenate([first, second, unnamed]).astype(np.float32)
+    rule = LabelRule("named_clusters", known_scale=100.0, known_confidence=0.9, name_share=0.5)
+    zero_shot = rule.zero_shot(torch.from_numpy(unnamed), torch.from_numpy(texts))
+    assert (zero_shot[:80] >= 0).all()  # CLIP is sure, and wrong, on two thirds of the unnamed thing's features
+    found = named_clusters(x, texts, 3, rule, iterations=10)
+    assert sorted(found.anchor_class.tolist()) == [0, 1] and len(found.prototypes) == 1
+    assert found.prototypes[0] @ np.eye(8, dtype=np.float32)[7] > 0.95
+    assert found.known_sizes.tolist() == [200, 200] and found.unknown_sizes.tolist() == [120]
+    labelled = rule.with_anchors(found.anchors, found.anchor_class)
+    targets = torch.from_numpy(np.concatenate([texts, found.prototypes]))
+    labels = labelled.label(torch.from_numpy(x), targets, 2)
+    assert labels[:200].eq(0).all() and labels[200:400].eq(1).all() and labels[400:].eq(2).all()
+    # the same features labelled pixel by pixel by CLIP's softmax give two thirds of the unnamed thing a known class
+    pixelwise = LabelRule("known_first", known_scale=100.0, known_confidence=0.9).label(torch.from_numpy(x), targets, 2)
+    assert pixelwise[400:].lt(2).float().mean() > 0.6
+    lax = named_clusters(x, texts, 3, replace(rule, name_share=0.3), iterations=10)
+    assert len(lax.anchors) == 3 and len(lax.prototypes) == 0  # a third of the votes names the unnamed thing too
+    with pytest.raises(ValueError, match="needs the cluster stage's anchors"):
+        rule.label(torch.from_numpy(x), targets, 2)
 
 
 def test_bad_input_is_refused():

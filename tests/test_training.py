@@ -174,6 +174,34 @@ def test_known_first_labels_reach_the_loss_and_are_counted(tmp_path, monkeypatch
     assert run(tmp_path / "c", steps=1, lambda_sem=0.0).known_label_share is None
 
 
+def test_named_clusters_label_by_anchor_and_refresh_around_fixed_anchors(tmp_path, monkeypatch):
+    """With named clusters a segment takes its nearest anchor's class or its nearest prototype, and a refresh moves
+    the prototypes while the anchors (not the known texts) stay fixed."""
+    seen, held = [], []
+    real_sem, real_kmeans = training.semantic_consistency, training.spherical_kmeans
+
+    def spy_sem(seg_emb, clip_seg, targets, tau, labels=None):
+        seen.append(labels)
+        return real_sem(seg_emb, clip_seg, targets, tau, labels=labels)
+
+    def spy_kmeans(*args, fixed=None, **kwargs):
+        held.append(fixed)
+        return real_kmeans(*args, fixed=fixed, **kwargs)
+
+    monkeypatch.setattr(training, "semantic_consistency", spy_sem)
+    monkeypatch.setattr(training, "spherical_kmeans", spy_kmeans)
+    arrays = tiny_arrays()
+    anchors = unit(np.random.default_rng(5).standard_normal((4, DIM)))
+    rule = training.LabelRule("named_clusters").with_anchors(anchors, np.array([2, 2, 0, 1]))
+    result = train_student(TrainData(**arrays, label_rule=rule), tiny_cfg(steps=3, refresh_every=2), MEAN_STD,
+                           tmp_path, CPU)
+    assert len(held) == 1
+    np.testing.assert_allclose(held[0], anchors, atol=1e-6)
+    assert not np.allclose(result.prototypes, arrays["prototypes"])
+    assert all(((labels >= 0) & (labels < KNOWN + UNKNOWN)).all() for labels in seen)
+    assert 0.0 < result.known_label_share < 1.0  # random segments go to anchors and to prototypes alike
+
+
 def test_resume_continues_from_the_last_checkpoint(tmp_path):
     first = run(tmp_path, steps=4, checkpoint_every=2)
     assert first.steps_done == 4
