@@ -32,15 +32,17 @@ DEPARTURES = {
     "paper crops 0.5-1.5": ["train.crop_scale=[0.5,1.5]"],
 }
 
-# L_sem switched on with each labelling rule and weight (docs/method.md §4), where that design is chosen (val).
+# L_sem's labelling rule, floor and weight (docs/method.md §4), each set in full, where that design is chosen (val).
+# With L_sem off the floor trains nothing; 0.1 is the library default.
 LABELLING = {
-    "L_sem, known_first": ["train.lambda_sem=1", "cluster.labels=known_first"],
-    "L_sem, known_first, floor at 0.3": ["train.lambda_sem=1", "cluster.labels=known_first",
-                                         "cluster.known_quantile=0.3"],
-    "L_sem 0.3, known_first, floor at 0.3": ["train.lambda_sem=0.3", "cluster.labels=known_first",
-                                             "cluster.known_quantile=0.3"],
-    "L_sem, named clusters": ["train.lambda_sem=1", "cluster.labels=named_clusters"],
-    "L_sem 0.1, named clusters": ["train.lambda_sem=0.1", "cluster.labels=named_clusters"],
+    "without L_sem, floor at 0.1": ["train.lambda_sem=0", "cluster.labels=known_first", "cluster.known_quantile=0.1"],
+    "L_sem 1, known_first, floor at 0.3": ["train.lambda_sem=1", "cluster.labels=known_first",
+                                           "cluster.known_quantile=0.3"],
+    "L_sem 1, known_first, floor at 0.1": ["train.lambda_sem=1", "cluster.labels=known_first",
+                                           "cluster.known_quantile=0.1"],
+    "L_sem 1, named clusters": ["train.lambda_sem=1", "cluster.labels=named_clusters", "cluster.known_quantile=0.1"],
+    "L_sem 0.1, named clusters": ["train.lambda_sem=0.1", "cluster.labels=named_clusters",
+                                  "cluster.known_quantile=0.1"],
 }
 
 
