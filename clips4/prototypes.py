@@ -365,15 +365,10 @@ class LabelRule:
             raise ValueError("the named_clusters rule needs the cluster stage's anchors (LabelRule.with_anchors)")
         with torch.no_grad():
             u = clip_seg.float()
-            to_anchor = (u @ self.anchors.to(u).T).max(1) if len(self.anchors) else None
-            protos = targets[num_known:].float()
-            to_proto = (u @ protos.T).max(1) if len(protos) else None
-            if to_proto is None:
-                return self.anchor_class.to(u.device)[to_anchor.indices]
-            if to_anchor is None:
-                return num_known + to_proto.indices
-            return torch.where(to_anchor.values >= to_proto.values,
-                               self.anchor_class.to(u.device)[to_anchor.indices], num_known + to_proto.indices)
+            centres = torch.cat([self.anchors.to(u), targets[num_known:].to(u)])  # anchors first: they win ties
+            names = torch.cat([self.anchor_class.to(u.device),
+                               num_known + torch.arange(len(targets) - num_known, device=u.device)])
+            return names[(u @ centres.T).argmax(1)]
 
     def fit_rows(self, x: np.ndarray, known_text: np.ndarray) -> np.ndarray:
         """Rows of ``x`` the prototypes are fitted on: all, or those the rule gives no known class (named clusters
@@ -431,12 +426,12 @@ def named_clusters(
     result = spherical_kmeans(x, num_centres, iterations, seed, max_points_per_centroid, use_gpu=use_gpu)
     named = (rule.zero_shot(torch.from_numpy(x), torch.from_numpy(known)).numpy() if len(known)
              else np.full(len(x), -1))
-    names = np.full(num_centres, -1, np.int64)
-    for c in range(num_centres):
-        votes = named[result.assignment == c]
-        counts = np.bincount(votes[votes >= 0], minlength=max(len(known), 1))
-        if len(votes) and counts.max() >= rule.name_share * len(votes):
-            names[c] = int(counts.argmax())
+    voted = named >= 0
+    classes = max(len(known), 1)
+    votes = np.bincount(result.assignment[voted] * classes + named[voted],
+                        minlength=num_centres * classes).reshape(num_centres, classes)  # [centre, known class]
+    members = np.bincount(result.assignment, minlength=num_centres)
+    names = np.where((members > 0) & (votes.max(1) >= rule.name_share * members), votes.argmax(1), -1)
     anchors, protos = result.centroids[names >= 0], result.centroids[names < 0]
     found = rule.with_anchors(anchors, names[names >= 0])
     labels = found.label(torch.from_numpy(x), torch.from_numpy(np.concatenate([known, protos])), len(known)).numpy()
