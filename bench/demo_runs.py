@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from clips4.config import resolve_config
 from clips4.harness import METHODS
-from clips4.storage import Store
+from clips4.storage import Store, git_revision
 from clips4.tasks.common import plan_keys
 
 PRESET = "demo"
@@ -84,13 +85,9 @@ def cli(parser_doc: str):
 def build() -> str:
     """The commit and numeric build the figures came from. A teacher pre-trained with another CPU's kernels (or on
     a GPU) starts from different float rounding and ends elsewhere, so figures compare only within one build."""
-    import torch
-
-    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                              capture_output=True, text=True).stdout.strip() or "unknown"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
-    return (f"clips4 at {revision}, torch {torch.__version__}, CPU kernels {torch.backends.cpu.get_cpu_capability()}, "
-            f"{torch.get_num_threads()} threads, {device}")
+    return (f"clips4 at {git_revision() or 'unknown'}, torch {torch.__version__}, "
+            f"CPU kernels {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, {device}")
 
 
 def write(out: Path, stem: str, markdown: str, frame: pd.DataFrame) -> None:

@@ -189,7 +189,8 @@ def validate_key(key: str) -> str:
     return key
 
 
-def _git_revision() -> str | None:
+def git_revision() -> str | None:
+    """The short commit of the clips4 checkout in use; None outside a git checkout (a wheel install)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -454,7 +455,7 @@ class Store:
                 created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
                 duration_s=round(time.time() - start, 3),
                 version=_package_version(),
-                git_revision=_git_revision(),
+                git_revision=git_revision(),
                 config=config,
                 upstream=list(upstream),
                 files=records,
